@@ -1,0 +1,182 @@
+"""Load a causal LM, wrap it with LoRA, and view the frozen reference through the same weights.
+
+The trainable model M' and the frozen reference M are one ``PeftModel``: M' has its adapters on, M is
+the same module with adapters disabled, under ``no_grad`` and with dropout off. No second copy of the
+weights is ever made (at 8B scale memory is the binding constraint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+Quantization = Literal["4bit", "8bit"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+# Model names that are not paths or hub ids: prefix -> function(variant or None) -> local path.
+# The organism registers itself here; other named models (e.g. GGUF files shipped in packages) too.
+MODEL_RESOLVERS: dict[str, Callable[[str | None], str]] = {}
+
+
+class BackboneError(ValueError):
+    """A model, tokenizer or layer specification that cannot be used."""
+
+
+def register_model_resolver(prefix: str, resolver: Callable[[str | None], str]) -> None:
+    """Make ``prefix`` and ``prefix:variant`` valid model names resolved by ``resolver``."""
+    MODEL_RESOLVERS[prefix] = resolver
+
+
+def _register_builtin_resolvers() -> None:
+    # Imported lazily so that loading a hub model never imports the organism machinery.
+    if "organism" not in MODEL_RESOLVERS:
+        from lit_safety.organism import model_dir
+
+        register_model_resolver("organism", model_dir)
+
+
+def resolve_model(name: str) -> tuple[str, dict]:
+    """Turn a model name into ``(path_or_hub_id, extra from_pretrained kwargs)``.
+
+    Accepted names: a registered name such as ``organism`` or ``organism:backdoor``; a local Hugging
+    Face directory; a ``.gguf`` file (loaded through transformers' GGUF support); a hub id.
+    """
+    _register_builtin_resolvers()
+    prefix, _, variant = name.partition(":")
+    if prefix in MODEL_RESOLVERS and not os.path.exists(name):
+        return MODEL_RESOLVERS[prefix](variant or None), {}
+    if name.endswith(".gguf"):
+        if not os.path.isfile(name):
+            raise BackboneError(f"GGUF file not found: {name}")
+        return os.path.dirname(os.path.abspath(name)), {"gguf_file": os.path.basename(name)}
+    if name.startswith((".", "/", "~")) and not os.path.exists(name):
+        raise BackboneError(f"model directory not found: {name}")
+    return name, {}
+
+
+def load_tokenizer(name: str):
+    """Load the tokenizer of model ``name`` (see ``resolve_model``), with a pad token."""
+    from transformers import AutoTokenizer
+
+    path, kwargs = resolve_model(name)
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    if tokenizer.pad_token is None:
+        # Padding positions are always masked out, so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name: str, dtype: DType = "float32", quantization: Quantization | None = None):
+    """Load a causal LM, optionally with a 4-bit (NF4) or 8-bit bitsandbytes base (QLoRA)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path, kwargs = resolve_model(name)
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    if quantization == "4bit":
+        compute = torch.float32 if dtype in ("auto", "float32") else torch_dtype
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+    elif quantization == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    elif quantization is not None:
+        raise BackboneError(f"quantization must be '4bit', '8bit' or None, got {quantization!r}")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+    model.requires_grad_(False)
+    return model
+
+
+def add_lora(
+    model,
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    target_modules: str | list[str] = "all-linear",
+    layers: Sequence[int] | None = None,
+):
+    """Wrap ``model`` with fresh LoRA adapters; only they are trainable afterwards.
+
+    Args:
+        rank: LoRA rank r.
+        alpha: LoRA scaling numerator (the update is scaled by alpha / r).
+        dropout: dropout on the adapter input.
+        target_modules: module names to adapt, or "all-linear".
+        layers: decoder layer indices to adapt (negative allowed); None adapts every layer.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    layers_to_transform = None
+    if layers is not None:
+        layers_to_transform = resolve_layers(layers, len(decoder_layers(model)))
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        layers_to_transform=layers_to_transform,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder stack of a causal LM (``model.layers`` in Llama, Mistral, Qwen2, Gemma, ...).
+
+    Looks through PEFT wrappers; raises ``BackboneError`` for models without such a stack.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    expected = getattr(getattr(base, "config", None), "num_hidden_layers", None)
+    for name, module in base.named_modules():
+        if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks"):
+            if expected is None or len(module) == expected:
+                return module
+    raise BackboneError(
+        f"{type(base).__name__} has no decoder layer list (looked for a ModuleList named 'layers', 'h' "
+        f"or 'blocks' with config.num_hidden_layers={expected} entries)"
+    )
+
+
+def resolve_layers(layers: Sequence[int], num_layers: int) -> list[int]:
+    """Map decoder-layer indices to non-negative ones.
+
+    Layer convention of the whole library: index i names the output of decoder layer i, i.e. the
+    residual stream that Hugging Face reports as ``hidden_states[i + 1]`` (``hidden_states[0]`` is the
+    embedding output). Negative indices count from the end (-1 is the last decoder layer).
+    """
+    resolved = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise BackboneError(f"layer indices must be integers, got {layer!r}")
+        if not -num_layers <= layer < num_layers:
+            raise BackboneError(
+                f"layer {layer} is out of range: the model has {num_layers} decoder layers "
+                f"(valid indices {-num_layers}..{num_layers - 1})"
+            )
+        resolved.append(layer % num_layers)
+    return resolved
+
+
+@contextlib.contextmanager
+def reference(model) -> Iterator[None]:
+    """Run ``model`` as the frozen reference: adapters off, no gradient, dropout off.
+
+    Restores the training mode of every submodule on exit.
+    """
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad(), model.disable_adapter():
+            yield
+    finally:
+        for m, training in was_training.items():
+            m.training = training

@@ -1,0 +1,87 @@
+"""Residual-stream states at chosen decoder layers, captured with forward hooks.
+
+Hooks (rather than ``output_hidden_states``) give the raw output of every decoder layer, including
+the last one, which Hugging Face reports only after the final norm. See ``backbone.resolve_layers``
+for the layer convention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from lit_safety.backbone import decoder_layers, resolve_layers
+
+
+class _StopForward(Exception):
+    """Raised by a hook to skip the layers after the last one a caller needs."""
+
+
+def _layer_output(output) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextlib.contextmanager
+def capture_residuals(model, layers: Sequence[int], stop_after_last: bool = False) -> Iterator[dict[int, Tensor]]:
+    """Record the output of the given decoder layers during the forward passes inside the block.
+
+    Args:
+        model: a causal LM (PEFT-wrapped or not).
+        layers: decoder layer indices (negative allowed).
+        stop_after_last: abort the forward after the deepest requested layer (the caller must run it
+            through ``forward_states``, which catches the abort); saves the rest of the network.
+    """
+    stack = decoder_layers(model)
+    wanted = resolve_layers(layers, len(stack))
+    states: dict[int, Tensor] = {}
+    last = max(wanted) if wanted else -1
+
+    def make_hook(index: int):
+        def hook(_module, _args, output):
+            states[index] = _layer_output(output)
+            if stop_after_last and index == last:
+                raise _StopForward
+
+        return hook
+
+    handles = [stack[i].register_forward_hook(make_hook(i)) for i in sorted(set(wanted))]
+    try:
+        yield states
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def forward_states(
+    model, input_ids: Tensor, attention_mask: Tensor, layers: Sequence[int], logits: bool = True
+) -> tuple[dict[int, Tensor], Tensor | None]:
+    """One forward pass returning ``({layer: states [B, T, D]}, logits [B, T, V] or None)``.
+
+    With ``logits=False`` the pass stops after the deepest requested layer, so a reference pass that
+    needs only states costs no LM head and no later layers.
+    """
+    with capture_residuals(model, layers, stop_after_last=not logits) as states:
+        if logits:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return dict(states), out.logits
+        with contextlib.suppress(_StopForward):
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return dict(states), None
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
+    """Mean of ``x`` over positions where ``mask`` is true (mask broadcast from the left).
+
+    With ``dim=None`` averages over every masked element of the mask's dimensions, keeping trailing
+    feature dimensions. Returns zeros where no position is selected, instead of NaN.
+    """
+    m = mask.to(x.dtype)
+    while m.dim() < x.dim():
+        m = m.unsqueeze(-1)
+    if dim is None:
+        dim = tuple(range(mask.dim()))
+    total = (x * m).sum(dim=dim)
+    return total / m.sum(dim=dim).clamp_min(1)

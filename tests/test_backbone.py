@@ -1,0 +1,132 @@
+import pytest
+import torch
+
+from lit_safety import backbone
+from lit_safety.backbone import BackboneError
+from lit_safety.representations import capture_residuals, forward_states, masked_mean
+
+
+@pytest.fixture
+def peft_model(tiny_model_dir):
+    model = backbone.add_lora(backbone.load_causal_lm(tiny_model_dir), rank=4, alpha=8)
+    # Fresh LoRA B is zero, which would make the reference test vacuous: give the adapters an effect.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model
+
+
+def test_reference_equals_base_bitwise(tiny_model_dir, peft_model):
+    base = backbone.load_causal_lm(tiny_model_dir)
+    ids = torch.randint(7, 25, (2, 9))
+    expected = base(ids).logits
+    assert not torch.equal(peft_model(ids).logits, expected)  # adapters do change the output
+    with backbone.reference(peft_model):
+        got = peft_model(ids).logits
+    assert torch.equal(got, expected)
+    assert not got.requires_grad
+
+
+def test_reference_turns_dropout_off_and_restores_training_mode(tiny_model_dir):
+    model = backbone.add_lora(backbone.load_causal_lm(tiny_model_dir), rank=4, dropout=0.5)
+    model.train()
+    with backbone.reference(model):
+        assert not any(m.training for m in model.modules())
+    assert all(m.training for m in model.modules())
+
+
+def test_only_lora_weights_are_trainable_and_change(peft_model):
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+    optimizer = torch.optim.SGD(trainable, lr=0.1)
+    ids = torch.randint(7, 25, (2, 9))
+    peft_model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    for name, p in peft_model.named_parameters():
+        changed = not torch.equal(before[name], p)
+        assert changed == ("lora_" in name), name
+
+
+def test_resolve_layers_convention_and_errors():
+    assert backbone.resolve_layers([0, 2, -1], 4) == [0, 2, 3]
+    with pytest.raises(BackboneError, match="layer 4 is out of range.*4 decoder layers"):
+        backbone.resolve_layers([4], 4)
+    with pytest.raises(BackboneError, match="out of range"):
+        backbone.resolve_layers([-5], 4)
+    with pytest.raises(BackboneError, match="integers"):
+        backbone.resolve_layers(["3"], 4)
+
+
+def test_captured_states_match_hidden_states(tiny_model_dir):
+    model = backbone.load_causal_lm(tiny_model_dir)
+    ids = torch.randint(7, 25, (2, 6))
+    hidden = model(ids, output_hidden_states=True).hidden_states
+    with capture_residuals(model, [0, 1, 2, -1]) as states:
+        model(ids)
+    # hidden_states[i + 1] is the output of decoder layer i (the last one is reported post-norm by HF).
+    for i in range(3):
+        assert torch.equal(states[i], hidden[i + 1])
+    assert states[3].shape == hidden[4].shape and not torch.equal(states[3], hidden[4])
+    assert not any(layer._forward_hooks for layer in backbone.decoder_layers(model))
+
+
+def test_forward_states_without_logits_stops_early(tiny_model_dir):
+    model = backbone.load_causal_lm(tiny_model_dir)
+    ids = torch.randint(7, 25, (2, 6))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    full, logits = forward_states(model, ids, mask, [1])
+    seen = []
+    handle = backbone.decoder_layers(model)[2].register_forward_hook(lambda *a: seen.append(1))
+    try:
+        partial, none = forward_states(model, ids, mask, [1], logits=False)
+    finally:
+        handle.remove()
+    assert none is None and logits.shape[-1] == model.config.vocab_size
+    assert torch.equal(full[1], partial[1]) and not seen
+
+
+def test_decoder_layers_error_names_the_model():
+    class NoStack(torch.nn.Module):
+        pass
+
+    with pytest.raises(BackboneError, match="NoStack has no decoder layer list"):
+        backbone.decoder_layers(NoStack())
+
+
+def test_lora_on_chosen_layers_only(tiny_model_dir):
+    model = backbone.add_lora(backbone.load_causal_lm(tiny_model_dir), layers=[-1])
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(".layers.3." in n for n in names)
+
+
+def test_masked_mean_by_hand():
+    x = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+    mask = torch.tensor([[True, True, False]])
+    assert torch.equal(masked_mean(x, mask), torch.tensor([2.0, 3.0]))
+    assert torch.equal(masked_mean(x, mask, dim=1), torch.tensor([[2.0, 3.0]]))
+    assert torch.equal(masked_mean(x, torch.zeros(1, 3, dtype=torch.bool)), torch.zeros(2))
+
+
+def test_missing_local_model_is_a_clear_error(tmp_path):
+    with pytest.raises(BackboneError, match="model directory not found"):
+        backbone.resolve_model(str(tmp_path / "nope"))
+    with pytest.raises(BackboneError, match="GGUF file not found"):
+        backbone.resolve_model(str(tmp_path / "model.gguf"))
+
+
+def test_qlora_4bit_trains_a_step_on_cpu(tiny_model_dir):
+    import bitsandbytes  # noqa: F401
+
+    model = backbone.add_lora(backbone.load_causal_lm(tiny_model_dir, quantization="4bit"), rank=4)
+    assert type(backbone.decoder_layers(model)[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    ids = torch.randint(7, 25, (2, 9))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainable))
