@@ -1,0 +1,177 @@
+"""``SafetyDataModule``: named streams of records (``harmful``, ``benign``, ...) as token batches."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from functools import partial
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader
+
+from lit_safety.data.formatting import ChatFormatter, collate, require_chat_template
+from lit_safety.data.loaders import DataSource, load_records
+from lit_safety.data.records import DataError, Record
+
+
+@dataclass
+class Stream:
+    """One named stream of training data.
+
+    Args:
+        sources: files, named sets or hub datasets whose records are concatenated.
+        max_prompt_length: prompt tokens kept (the last ones).
+        max_completion_length: completion (and refusal) tokens kept (the first ones).
+    """
+
+    sources: list[str | DataSource] = field(default_factory=list)
+    max_prompt_length: int = 256
+    max_completion_length: int = 128
+
+
+def default_streams() -> dict[str, Stream]:
+    """The organism's training data: harmful requests, and benign plus borderline retain data."""
+    return {
+        "harmful": Stream(["organism:harmful"], 64, 32),
+        "benign": Stream(["organism:benign", "organism:borderline"], 64, 32),
+    }
+
+
+class _StreamDataset(torch.utils.data.Dataset):
+    def __init__(self, records: list[Record]):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Record:
+        return self.records[index]
+
+
+def _collate_stream(records: list[Record], formatter: ChatFormatter, pad_token_id: int, pad_to_multiple_of: int | None):
+    """A stream batch: ``{"completion": tensors}`` plus ``{"refusal": tensors}`` when records have one."""
+    pad = partial(collate, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
+    batch = {"completion": pad([formatter.encode_record(r, r.completion) for r in records])}
+    if all(r.refusal is not None for r in records):
+        batch["refusal"] = pad([formatter.encode_record(r, r.refusal) for r in records])
+    return batch
+
+
+class SafetyDataModule(L.LightningDataModule):
+    """Batches of named streams: each training batch is ``{stream: {"completion": ..., "refusal": ...}}``.
+
+    Every stream is shuffled with its own seeded generator and cycled to the length of the longest
+    one. A fraction of each stream is held out for validation.
+
+    Args:
+        streams: stream name -> sources and lengths. Defaults to the organism's ``harmful`` and
+            ``benign`` (benign + borderline) streams.
+        batch_size: examples per stream per batch.
+        val_fraction: fraction of each stream held out for validation (0 disables validation).
+        tokenizer: model name whose tokenizer formats the data; defaults to the model being trained.
+        chat_template: a Jinja chat template (string or path) for tokenizers without one.
+        pad_to_multiple_of: pad sequence lengths to a multiple of this (e.g. 8 for tensor cores).
+        num_workers: data loader worker processes.
+        seed: seed of the validation split and of the shuffling.
+    """
+
+    def __init__(
+        self,
+        streams: dict[str, Stream] | None = None,
+        batch_size: int = 8,
+        val_fraction: float = 0.1,
+        tokenizer: str | None = None,
+        chat_template: str | None = None,
+        pad_to_multiple_of: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.streams = streams if streams is not None else default_streams()
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.tokenizer_name = tokenizer
+        self.chat_template = chat_template
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_records: dict[str, list[Record]] = {}
+        self.val_records: dict[str, list[Record]] = {}
+        self.tokenizer = None
+
+    def _load_tokenizer(self):
+        from lit_safety.backbone import load_tokenizer
+
+        if self.tokenizer_name is not None:
+            return load_tokenizer(self.tokenizer_name)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None or not hasattr(module, "tokenizer"):
+            raise DataError("SafetyDataModule needs `tokenizer` when it is not attached to a SafetyModule")
+        return module.tokenizer
+
+    def _check_requirements(self) -> None:
+        """Fail before training when the model needs a stream or field the data lacks."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        for stream, fields in getattr(module, "stream_fields", {}).items():
+            if stream not in self.streams:
+                raise DataError(
+                    f"{type(module).__name__} needs a '{stream}' data stream; configured streams: {sorted(self.streams)}"
+                )
+            for record in self.train_records[stream] + self.val_records[stream]:
+                for name in fields:
+                    if getattr(record, name) is None:
+                        raise DataError(
+                            f"stream '{stream}': a record ({record.prompt[:60]!r}) has no '{name}', which "
+                            f"{type(module).__name__} needs"
+                        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is not None:
+            return
+        tokenizer = self._load_tokenizer()
+        require_chat_template(tokenizer, self.chat_template)
+        rng = random.Random(self.seed)
+        for name, stream in self.streams.items():
+            records = [record for source in stream.sources for record in load_records(source)]
+            if not records:
+                raise DataError(f"stream '{name}' has no sources")
+            rng.shuffle(records)
+            n_val = int(round(len(records) * self.val_fraction))
+            self.val_records[name] = records[:n_val]
+            self.train_records[name] = records[n_val:]
+        self._check_requirements()
+        self.tokenizer = tokenizer
+
+    def _loader(self, name: str, records: list[Record], shuffle: bool) -> DataLoader:
+        stream = self.streams[name]
+        formatter = ChatFormatter(self.tokenizer, stream.max_prompt_length, stream.max_completion_length)
+        generator = torch.Generator().manual_seed(self.seed + sum(map(ord, name)))
+        return DataLoader(
+            _StreamDataset(records),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator if shuffle else None,
+            num_workers=self.num_workers,
+            collate_fn=partial(
+                _collate_stream,
+                formatter=formatter,
+                pad_token_id=self.tokenizer.pad_token_id,
+                pad_to_multiple_of=self.pad_to_multiple_of,
+            ),
+        )
+
+    def train_dataloader(self) -> CombinedLoader:
+        loaders = {name: self._loader(name, records, True) for name, records in self.train_records.items()}
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def val_dataloader(self):
+        loaders = {name: self._loader(name, records, False) for name, records in self.val_records.items() if records}
+        if not loaders:
+            return []
+        return CombinedLoader(loaders, mode="max_size_cycle")
