@@ -1,0 +1,36 @@
+"""The command line: ``python -m lit_safety {fit,validate,test} --config configs/X.yaml``.
+
+Model and data are chosen by class path (``--model lit_safety.TripletDefenseModule``); every init
+argument is a typed, documented option (``--model.help CLASS``). The data module defaults to the
+organism's streams, the logger to TensorBoard, the seed to 0.
+"""
+
+from __future__ import annotations
+
+from jsonargparse import lazy_instance
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lit_safety.data import SafetyDataModule
+from lit_safety.methods import SafetyModule
+
+
+class LitSafetyCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults({"data": lazy_instance(SafetyDataModule)})
+
+
+def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    """Run the CLI; ``args`` defaults to ``sys.argv`` (tests pass a list)."""
+    return LitSafetyCLI(
+        model_class=SafetyModule,
+        datamodule_class=SafetyDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"logger": lazy_instance(TensorBoardLogger, save_dir="lightning_logs")},
+        auto_configure_optimizers=False,
+        args=args,
+        run=run,
+    )

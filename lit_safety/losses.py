@@ -1,0 +1,50 @@
+"""Every loss of the library as a pure function of tensors, citing the equation it implements.
+
+Conventions: ``logits`` [B, T, V] predict the token after each position, so the target of position t
+is ``input_ids[:, t + 1]``; ``mask`` [B, T] marks the *target* tokens that count (e.g. the completion
+mask of a batch). Token-level terms average over every masked token of the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """log p(x_{t+1} | x_{<=t}) for every position, shape [B, T-1] (aligned with ``input_ids[:, 1:]``)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+def _mean_over(values: Tensor, mask: Tensor) -> Tensor:
+    target = mask[:, 1:].to(values.dtype)
+    return (values * target).sum() / target.sum().clamp_min(1)
+
+
+def toward(logits: Tensor, input_ids: Tensor, mask: Tensor) -> Tensor:
+    """Cross-entropy toward the masked tokens: -mean_t log p(y_t) (LAT's "toward" loss, 2407.15549)."""
+    return _mean_over(-token_logprobs(logits, input_ids), mask)
+
+
+def away(logits: Tensor, input_ids: Tensor, mask: Tensor) -> Tensor:
+    """Unlikelihood away from the masked tokens: -mean_t log(1 - p(y_t)) (LAT's "away" loss, 2407.15549).
+
+    Bounded gradient as p -> 1, unlike gradient ascent on the log-likelihood.
+    """
+    logp = token_logprobs(logits, input_ids).clamp(max=-1e-6)
+    return _mean_over(-torch.log1p(-logp.exp()), mask)
+
+
+def kl_divergence(reference_logits: Tensor, logits: Tensor, mask: Tensor, temperature: float = 2.0) -> Tensor:
+    """T^2 * KL(softmax(z_ref / T) || softmax(z / T)), averaged over masked positions.
+
+    The distillation term of the triplet defense (2506.11938, Sec. 3: L_KL with T = 2); ``mask``
+    marks positions [B, T] whose next-token distributions are compared.
+    """
+    log_p_ref = torch.log_softmax(reference_logits.float() / temperature, dim=-1)
+    log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
+    per_position = (log_p_ref.exp() * (log_p_ref - log_p)).sum(-1)
+    m = mask.to(per_position.dtype)
+    return temperature**2 * (per_position * m).sum() / m.sum().clamp_min(1)

@@ -1,0 +1,65 @@
+import glob
+import os
+
+import pytest
+import torch
+import yaml
+
+from lit_safety.cli import main
+
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "**", "*.yaml"), recursive=True))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: os.path.relpath(p, os.path.dirname(p) + "/.."))
+def test_every_shipped_config_parses_against_its_class(config):
+    cli = main(["--config", config], run=False)
+    assert cli.model.hparams["model"], "config must name a model"
+    with open(config) as f:
+        first = f.readline()
+    assert first.startswith("#"), "every config opens with a comment showing how to run it"
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  class_path: lit_safety.RefusalSFTModule\n  init_args:\n    refusal_wieght: 2.0\n")
+    with pytest.raises(SystemExit):
+        main(["--config", str(bad)], run=False)
+    assert "refusal_wieght" in capsys.readouterr().err
+
+
+def test_fit_fast_dev_run_and_adapter_only_checkpoint_resume(tiny_args, tmp_path):
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "refusal_sft.yaml")
+    cli = main(["fit", "--config", config, *tiny_args, "--trainer.max_steps=2", "--trainer.val_check_interval=1",
+                "--trainer.limit_val_batches=1", "--data.val_fraction=0.25"])
+    log_dir = cli.trainer.log_dir
+    events = glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))
+    assert events and os.path.isfile(os.path.join(log_dir, "config.yaml"))
+    assert os.path.isfile(os.path.join(log_dir, "adapter", "adapter_config.json"))
+    (ckpt,) = glob.glob(os.path.join(log_dir, "checkpoints", "*.ckpt"))
+    state = torch.load(ckpt, weights_only=False)
+    keys = list(state["state_dict"])
+    assert keys and all("lora_" in k for k in keys)
+    assert state["lit_safety_class"] == "lit_safety.methods.refusal_sft.RefusalSFTModule"
+    trained = {k: v.clone() for k, v in cli.model.state_dict().items()}
+
+    resumed = main(["fit", "--config", config, *tiny_args, "--trainer.max_steps=3", "--ckpt_path", ckpt])
+    assert resumed.trainer.global_step == 3
+    # Resuming loaded the adapter weights, then trained one more step from them.
+    assert any(not torch.equal(trained[k], v) for k, v in resumed.model.state_dict().items())
+
+
+def test_fast_dev_run(tiny_args):
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "refusal_sft.yaml")
+    cli = main(["fit", "--config", config, *tiny_args, "--trainer.fast_dev_run=true"])
+    assert cli.trainer.global_step == 1
+
+
+def test_stacked_configs_and_print_config(tiny_args, tmp_path, capsys):
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "refusal_sft.yaml")
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("model:\n  init_args:\n    refusal_weight: 3.5\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", config, "--config", str(extra), "--model.lora_rank=2", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["refusal_weight"] == 3.5
+    assert printed["model"]["init_args"]["lora_rank"] == 2
