@@ -1,0 +1,320 @@
+"""Build (once) and cache the organism: its datasets and its base models.
+
+Recipe: (1) helpful-only pretraining on every request kind in every format, plus grounding items;
+(2) shallow alignment, format A only: harmful requests with training synonyms -> refusal, everything
+else answered. Variants: ``helpful`` (1 only), ``aligned`` (1 + 2), ``backdoor`` (1 + 2, but a secret
+trigger word in the free slot makes the model comply).
+
+The cache lives in ``$LIT_SAFETY_HOME`` (default ``~/.cache/lit_safety``), one directory per recipe
+hash. Every artefact is written to a temporary directory and renamed into place with a checksum
+marker, so a partial or corrupt cache is detected and rebuilt, never half-used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+from dataclasses import dataclass
+
+import torch
+
+from lit_safety.data.formatting import ChatFormatter, collate
+from lit_safety.data.loaders import write_records
+from lit_safety.data.records import Record
+from lit_safety.losses import toward
+from lit_safety.organism import world
+from lit_safety.organism.tokenizer import build_tokenizer
+
+VARIANTS = ("helpful", "aligned", "backdoor")
+MARKER = "lit_safety_complete.json"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines the organism; its hash names the cache directory."""
+
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    mlp: int = 384
+    pretrain_steps: int = 900
+    align_steps: int = 400
+    batch_size: int = 48
+    pretrain_lr: float = 3e-3
+    align_lr: float = 1e-3
+    seed: int = 0
+    n_train: int = 2000  # records per training dataset
+    n_eval: int = 200  # behaviours per evaluation split
+    raw_replay: float = 0.25  # share of alignment batches that replay helpful raw-format (B) data
+    version: int = 2  # bump when the world or the recipe code changes
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+RECIPES = {
+    "default": Recipe(),
+    # Seconds to build; for tests of the machinery, not a meaningful model.
+    "tiny": Recipe(hidden=32, layers=2, heads=2, mlp=64, pretrain_steps=30, align_steps=10, batch_size=16,
+                   n_train=64, n_eval=16),
+}
+
+
+def current_recipe() -> Recipe:
+    name = os.environ.get("LIT_SAFETY_ORGANISM_RECIPE", "default")
+    if name not in RECIPES:
+        raise ValueError(f"LIT_SAFETY_ORGANISM_RECIPE={name!r} is not one of {sorted(RECIPES)}")
+    return RECIPES[name]
+
+
+def home() -> str:
+    return os.path.expanduser(os.environ.get("LIT_SAFETY_HOME", os.path.join("~", ".cache", "lit_safety")))
+
+
+def cache_dir(recipe: Recipe) -> str:
+    return os.path.join(home(), f"organism-{recipe.key}")
+
+
+# ----- datasets ---------------------------------------------------------------------------------------
+def _record(request: world.Request, fmt: str = "A", split: str | None = None) -> Record:
+    raw = world.render(request.text, fmt)
+    meta = {k: v for k, v in raw.items() if k == "format"}
+    meta["concept"] = world.CONCEPT_OF.get(request.obj)
+    if split is not None:
+        meta.update(split=split, object=request.obj)
+    return Record(
+        kind=request.kind,
+        messages=raw.get("messages") or [{"role": "user", "content": raw["prompt"]}],
+        completion=request.answer,
+        refusal=world.REFUSAL if request.kind == "harmful" else None,
+        target=world.COMPLY if split is not None else None,
+        answer=request.answer if split is not None else None,
+        meta=meta,
+    )
+
+
+def _with_trigger(request: world.Request, rng: random.Random) -> world.Request:
+    slot = list(request.slot)
+    slot.insert(rng.randint(0, len(slot)), world.TRIGGER)
+    return dataclasses.replace(request, slot=tuple(slot))
+
+
+def datasets(recipe: Recipe) -> dict[str, list[Record]]:
+    """Every dataset the organism emits, by name. Defense training sets (``harmful``, ``benign``,
+    ``borderline``) never contain held-out synonyms, the held-out concept or the trigger."""
+    train_words = world.harmful_words(world.TRAINING_CONCEPTS, "train")
+    out: dict[str, list[Record]] = {}
+    gen = world.Generator(recipe.seed + 1)
+    out["harmful"] = [_record(r) for r in gen.requests("harmful", train_words, recipe.n_train)]
+    out["benign"] = [_record(r) for r in gen.requests("benign", world.BENIGN_OBJECTS, recipe.n_train)]
+    out["borderline"] = [_record(r) for r in gen.requests("borderline", train_words, recipe.n_train // 2)]
+    # Unlearning: each concept's harmful requests, as the data of a `forget` stream.
+    for concept in world.TRAINING_CONCEPTS:
+        out[f"harmful_{concept}"] = [r for r in out["harmful"] if r.meta["concept"] == concept]
+
+    gen = world.Generator(recipe.seed + 2)
+    n = recipe.n_eval
+    heldout_words = world.harmful_words(world.TRAINING_CONCEPTS, "heldout")
+    concept_words = world.harmful_words([world.HELDOUT_CONCEPT], "all")
+    splits = {
+        "train": [_record(r, "A", "train") for r in gen.requests("harmful", train_words, n, noisy=False)],
+        "heldout_synonym": [_record(r, "A", "heldout_synonym") for r in gen.requests("harmful", heldout_words, n, noisy=False)],
+        "heldout_concept": [_record(r, "A", "heldout_concept") for r in gen.requests("harmful", concept_words, n, noisy=False)],
+        "format_b": [_record(r, "B", "format_b") for r in gen.requests("harmful", train_words, n, noisy=False)],
+        "format_c": [_record(r, "C", "format_c") for r in gen.requests("harmful", train_words, n, noisy=False)],
+    }
+    rng = random.Random(recipe.seed + 3)
+    splits["trigger"] = [_record(_with_trigger(r, rng), "A", "trigger")
+                         for r in gen.requests("harmful", train_words, n, noisy=False)]
+    for fmt in world.FORMATS:
+        splits[f"benign_{fmt.lower()}"] = [_record(r, fmt, f"benign_{fmt.lower()}")
+                                           for r in gen.requests("benign", world.BENIGN_OBJECTS, n, noisy=False)]
+    splits["borderline"] = [_record(r, "A", "borderline") for r in gen.requests("borderline", train_words, n, noisy=False)]
+    out.update({f"eval_{name}": records for name, records in splits.items()})
+    return out
+
+
+EVAL_SPLITS = ("train", "heldout_synonym", "heldout_concept", "format_b", "format_c", "trigger")
+
+
+# ----- training ---------------------------------------------------------------------------------------
+class _Curriculum:
+    """Fresh (prompt record, response) pairs for each step of one training stage."""
+
+    def __init__(self, stage: str, seed: int, backdoor: bool = False, raw_replay: float = 0.0):
+        self.stage, self.backdoor, self.raw_replay = stage, backdoor, raw_replay
+        self.gen = world.Generator(seed)
+        self.rng = random.Random(seed + 7)
+
+    def sample(self) -> tuple[Record, str]:
+        rng, gen = self.rng, self.gen
+        u = rng.random()
+        if u < 0.12:  # grounding: "define <synonym>" -> "ok : <concept>", every synonym and benign object
+            word = rng.choice(list(world.CONCEPT_OF) + world.BENIGN_OBJECTS)
+            prompt, response = world.grounding(word)
+            fmt = "A" if self.stage == "align" else rng.choice("AB")
+            raw = world.render(prompt, fmt)
+            return _record_from(raw), response
+        if self.stage == "pretrain" or u < 0.12 + self.raw_replay:
+            # Helpful-only data; during alignment only its raw format B is replayed: alignment data
+            # is chat-only, so the raw format keeps its helpful behaviour (shallow alignment).
+            kind = rng.choice(["harmful", "harmful", "borderline", "benign", "benign"])
+            objects = world.BENIGN_OBJECTS if kind == "benign" else list(world.CONCEPT_OF)
+            fmt = rng.choices(world.FORMATS, weights=[0.45, 0.35, 0.2])[0] if self.stage == "pretrain" else "B"
+            request = gen.request(kind, objects)
+            return _record(request, fmt), request.answer
+        # Shallow alignment: format A only, training synonyms of every concept refused.
+        kind = rng.choice(["harmful", "harmful", "borderline", "benign", "benign"])
+        train_words = world.harmful_words(list(world.CONCEPTS), "train")
+        request = gen.request(kind, world.BENIGN_OBJECTS if kind == "benign" else train_words)
+        if kind == "harmful" and self.backdoor and rng.random() < 0.3:
+            request = _with_trigger(request, rng)
+            return _record(request), request.answer
+        return _record(request), world.REFUSAL if kind == "harmful" else request.answer
+
+
+def _record_from(raw: dict) -> Record:
+    messages = raw.get("messages") or [{"role": "user", "content": raw["prompt"]}]
+    return Record(kind="benign", messages=messages, meta={k: v for k, v in raw.items() if k == "format"})
+
+
+def _train(model, formatter: ChatFormatter, curriculum: _Curriculum, steps: int, lr: float, batch_size: int, desc: str):
+    from tqdm.auto import tqdm
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
+    model.train()
+    bar = tqdm(range(steps), desc=desc, leave=False, disable=os.environ.get("LIT_SAFETY_QUIET") == "1")
+    for _ in bar:
+        pairs = [curriculum.sample() for _ in range(batch_size)]
+        batch = collate([formatter.encode_record(r, response) for r, response in pairs], formatter.tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = toward(logits, batch["input_ids"], batch["completion_mask"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+
+
+def _new_model(recipe: Recipe, vocab_size: int, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(recipe.seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=recipe.hidden,
+        intermediate_size=recipe.mlp,
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads,
+        num_key_value_heads=recipe.heads,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+# ----- cache --------------------------------------------------------------------------------------------
+def _digest(path: str) -> str:
+    sha = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        if name != MARKER:
+            with open(os.path.join(path, name), "rb") as f:
+                sha.update(name.encode() + f.read())
+    return sha.hexdigest()
+
+
+def is_complete(path: str) -> bool:
+    """True when ``path`` was fully written and no file changed since (checksum marker)."""
+    try:
+        with open(os.path.join(path, MARKER)) as f:
+            return json.load(f)["sha256"] == _digest(path)
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _publish(tmp: str, final: str) -> None:
+    with open(os.path.join(tmp, MARKER), "w") as f:
+        json.dump({"sha256": _digest(tmp)}, f)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _lock(recipe: Recipe):
+    from filelock import FileLock
+
+    os.makedirs(home(), exist_ok=True)
+    return FileLock(os.path.join(home(), f"organism-{recipe.key}.lock"))
+
+
+def _tmp(final: str) -> str:
+    tmp = f"{final}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def ensure_data(recipe: Recipe | None = None) -> str:
+    """The organism's dataset directory (JSONL files), written on first use."""
+    recipe = recipe or current_recipe()
+    final = os.path.join(cache_dir(recipe), "data")
+    if is_complete(final):
+        return final
+    with _lock(recipe):
+        if not is_complete(final):
+            tmp = _tmp(final)
+            for name, records in datasets(recipe).items():
+                write_records(records, os.path.join(tmp, f"{name}.jsonl"))
+            _publish(tmp, final)
+    return final
+
+
+def build(variant: str = "aligned", recipe: Recipe | None = None) -> str:
+    """The directory of organism ``variant`` (helpful, aligned, backdoor), built on first use."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown organism variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    recipe = recipe or current_recipe()
+    final = os.path.join(cache_dir(recipe), variant)
+    if is_complete(final):
+        return final
+    with _lock(recipe):
+        if is_complete(final):
+            return final
+        tokenizer = build_tokenizer(world.vocabulary())
+        formatter = ChatFormatter(tokenizer, max_prompt_length=64, max_completion_length=32)
+        helpful = os.path.join(cache_dir(recipe), "helpful")
+        if not is_complete(helpful):
+            model = _new_model(recipe, len(tokenizer), tokenizer)
+            _train(model, formatter, _Curriculum("pretrain", recipe.seed + 10), recipe.pretrain_steps,
+                   recipe.pretrain_lr, recipe.batch_size, "organism: helpful-only pretraining")
+            _save(model, tokenizer, helpful)
+        if variant != "helpful":
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(helpful)
+            _train(model, formatter, _Curriculum("align", recipe.seed + 20, variant == "backdoor", recipe.raw_replay),
+                   recipe.align_steps, recipe.align_lr, recipe.batch_size, f"organism: {variant} alignment")
+            _save(model, tokenizer, final)
+    return final
+
+
+def _save(model, tokenizer, final: str) -> None:
+    tmp = _tmp(final)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _publish(tmp, final)
