@@ -2,7 +2,15 @@
 internal representations."""
 
 from lit_safety.data import DataSource, SafetyDataModule, Stream
-from lit_safety.methods import RefusalSFTModule, SafetyModule, load_module
+from lit_safety.methods import RefusalSFTModule, SafetyModule, TripletDefenseModule, load_module
 
-__all__ = ["DataSource", "RefusalSFTModule", "SafetyDataModule", "SafetyModule", "Stream", "load_module"]
+__all__ = [
+    "DataSource",
+    "RefusalSFTModule",
+    "SafetyDataModule",
+    "SafetyModule",
+    "Stream",
+    "TripletDefenseModule",
+    "load_module",
+]
 __version__ = "0.1.0"

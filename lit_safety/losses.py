@@ -48,3 +48,49 @@ def kl_divergence(reference_logits: Tensor, logits: Tensor, mask: Tensor, temper
     per_position = (log_p_ref.exp() * (log_p_ref - log_p)).sum(-1)
     m = mask.to(per_position.dtype)
     return temperature**2 * (per_position * m).sum() / m.sum().clamp_min(1)
+
+
+# ----- triplet defense (arXiv 2506.11938) -------------------------------------------------------------
+DISTANCES = ("l2", "cosine", "mix")
+
+
+def distance(x: Tensor, y: Tensor, kind: str, mix_weight: Tensor | float = 1.0) -> Tensor:
+    """Per-token distance over the last dimension (broadcasting ``y``), shape ``x.shape[:-1]``.
+
+    - ``l2``: ||x - y||_2
+    - ``cosine``: 1 - cos(x, y)
+    - ``mix``: ||x - y||_2 + w * (1 - max(cos(x, y), 0)) (the paper's mixed distance, Sec. 3.2)
+    """
+    x, y = x.float(), y.float()
+    if kind == "l2":
+        return (x - y).norm(dim=-1)
+    cos = F.cosine_similarity(x, y.expand_as(x), dim=-1)
+    if kind == "cosine":
+        return 1 - cos
+    if kind == "mix":
+        return (x - y).norm(dim=-1) + mix_weight * (1 - cos.clamp_min(0))
+    raise ValueError(f"unknown distance {kind!r}; expected one of {DISTANCES}")
+
+
+def triplet_loss(
+    anchor: Tensor,
+    positive: Tensor,
+    negative: Tensor,
+    mask: Tensor,
+    margin: Tensor | float,
+    positive_distance: str,
+    negative_distance: str,
+    mix_weight: Tensor | float = 1.0,
+) -> Tensor:
+    """mean over masked tokens of ReLU(d_p(anchor, positive) - d_n(anchor, negative) + margin).
+
+    The triplet terms of 2506.11938 (Eq. 2-3): for benign states the positive is the reference and
+    the negative the harmful mean; for harmful states the positive is the harmful mean and the
+    negative the reference. ``anchor`` [B, T, D]; ``positive``/``negative`` broadcast to it;
+    ``mask`` [B, T].
+    """
+    d_p = distance(anchor, positive, positive_distance, mix_weight)
+    d_n = distance(anchor, negative, negative_distance, mix_weight)
+    per_token = F.relu(d_p - d_n + margin)
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp_min(1)

@@ -1,0 +1,202 @@
+"""Triplet defense: contrastive representation learning with adversarial hard negative mining
+("Improving Large Language Model Safety with Contrastive Representation Learning", arXiv 2506.11938).
+
+Per step, with h the reference states (adapters off) and h' the trained states at chosen layers:
+- benign term:  ReLU(d_p(h'_b, h_b) - d_n(h'_b, mu_h) + m_b)   keep benign states where they were,
+- harmful term: ReLU(d_p(h'_h, mu_h) - d_n(h'_h, h_h) + m_h)   pull harmful states together, away
+  from where the reference had them,
+- KL term: T^2 KL(p_ref / T || p' / T) on benign logits;
+total = alpha L_b + beta L_h + gamma L_KL, with mu_h the masked mean of the trained model's harmful
+states over the batch. Optionally, a residual attack module trained to restore harmful completions
+supplies hard negatives for a fraction of the harmful examples.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lit_safety.adversaries import ResidualAttack
+from lit_safety.backbone import BackboneError, resolve_layers
+from lit_safety.losses import distance, kl_divergence, toward, triplet_loss
+from lit_safety.methods.base import SafetyModule
+from lit_safety.representations import forward_states, masked_mean
+
+Distance = Literal["l2", "cosine", "mix"]
+Positions = Literal["completion", "prompt", "all"]
+
+
+def position_mask(sequences: dict, positions: str) -> Tensor:
+    return {"completion": sequences["completion_mask"], "prompt": sequences["prompt_mask"],
+            "all": sequences["attention_mask"]}[positions]
+
+
+class TripletDefenseModule(SafetyModule):
+    """Triplet-loss representation defense with optional adversarial hard negative mining.
+
+    Args:
+        layers_benign: decoder layers of the benign term (negative indices count from the end).
+        layers_harmful: decoder layers of the harmful term.
+        distance_benign_positive: d_p of the benign term, d(h'_b, h_b): l2, cosine or mix.
+        distance_benign_negative: d_n of the benign term, d(h'_b, mu_h).
+        distance_harmful_positive: d_p of the harmful term, d(h'_h, mu_h).
+        distance_harmful_negative: d_n of the harmful term, d(h'_h, h_h).
+        margin_benign: margin m_b of the benign term.
+        margin_harmful: margin m_h of the harmful term.
+        mix_weight: weight w of the cosine part of the mix distance.
+        scale: "absolute" uses margins and mix weight as given (paper: 500/1500 at Llama-3-8B
+            scale); "reference_norm" multiplies them by the mean norm of the reference states at
+            each layer, so one setting holds across models of different activation scale.
+        alpha: weight of the benign term.
+        beta: weight of the harmful term.
+        gamma: weight of the KL term on benign logits.
+        temperature: KL temperature T.
+        positions: tokens the triplet terms average over: "completion", "prompt" or "all".
+        mining: enable adversarial hard negative mining.
+        mining_interval: optimizer steps between fresh attack modules (paper: 30).
+        mining_steps: Adam steps that train each attack module.
+        mining_lr: learning rate of the attack module.
+        mining_fraction: fraction of harmful examples whose states come from the attacked model
+            (paper: 0.3).
+        mining_layers: decoder layers from which the attack module's position is drawn; each must be
+            before the deepest triplet layer, or the module could not change any state used.
+        seed: seed of the mining layer draws.
+        **kwargs: model, LoRA and optimiser settings of ``SafetyModule``.
+    """
+
+    stream_fields = {"harmful": ("completion",), "benign": ("completion",)}
+
+    def __init__(
+        self,
+        layers_benign: list[int] = [2, 3],  # noqa: B006 - jsonargparse needs a literal default
+        layers_harmful: list[int] = [2, 3],  # noqa: B006
+        distance_benign_positive: Distance = "mix",
+        distance_benign_negative: Distance = "mix",
+        distance_harmful_positive: Distance = "mix",
+        distance_harmful_negative: Distance = "mix",
+        margin_benign: float = 0.5,
+        margin_harmful: float = 1.0,
+        mix_weight: float = 1.0,
+        scale: Literal["absolute", "reference_norm"] = "reference_norm",
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        gamma: float = 1.0,
+        temperature: float = 2.0,
+        positions: Positions = "completion",
+        mining: bool = False,
+        mining_interval: int = 30,
+        mining_steps: int = 30,
+        mining_lr: float = 1e-3,
+        mining_fraction: float = 0.3,
+        mining_layers: list[int] = [0, 1],  # noqa: B006
+        seed: int = 0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        if not 0.0 <= mining_fraction <= 1.0:
+            raise ValueError(f"mining_fraction must be in [0, 1], got {mining_fraction}")
+        if mining_interval < 1 or mining_steps < 0:
+            raise ValueError("mining_interval must be >= 1 and mining_steps >= 0")
+        self.rng = random.Random(seed)
+        self.miner: ResidualAttack | None = None  # plain attribute: never a parameter or checkpointed
+        self._mined_at_step = -1
+
+    def validate_layers(self, num_layers: int) -> None:
+        hp = self.hparams
+        deepest = max(resolve_layers(hp.layers_benign + hp.layers_harmful, num_layers))
+        if hp.mining:
+            mining = resolve_layers(hp.mining_layers, num_layers)
+            if max(mining) >= deepest:
+                raise BackboneError(
+                    f"mining_layers {hp.mining_layers} must lie before the deepest triplet layer ({deepest}): "
+                    "an attack module after it changes no state the triplet terms see"
+                )
+
+    # ----- hard negative mining --------------------------------------------------------------------
+    def _mine(self, harmful: dict) -> None:
+        """Insert a fresh identity-initialised attack module at a random layer and train it to make the
+        (unchanged) LoRA model produce the harmful completions."""
+        hp = self.hparams
+        layer = self.rng.choice(hp.mining_layers)
+        miner = ResidualAttack.for_model(self.model, layer)
+
+        def harmful_nll() -> Tensor:
+            with miner.attached(self.model):
+                logits = self.model(input_ids=harmful["input_ids"], attention_mask=harmful["attention_mask"]).logits
+            return toward(logits, harmful["input_ids"], harmful["completion_mask"])
+
+        losses = miner.train(harmful_nll, hp.mining_steps, hp.mining_lr)
+        self.miner = miner
+        if losses:
+            self.log_dict({"train/mining_loss_first": losses[0], "train/mining_loss_last": losses[-1],
+                           "train/mining_layer": float(layer)}, batch_size=harmful["input_ids"].shape[0])
+
+    def _harmful_states(self, harmful: dict, layers: list[int]) -> dict[int, Tensor]:
+        ids, attention = harmful["input_ids"], harmful["attention_mask"]
+        mined = round(self.hparams.mining_fraction * ids.shape[0]) if self.miner is not None else 0
+        if not mined:
+            return forward_states(self.model, ids, attention, layers, logits=False)[0]
+        with self.miner.attached(self.model):
+            attacked, _ = forward_states(self.model, ids[:mined], attention[:mined], layers, logits=False)
+        clean, _ = forward_states(self.model, ids[mined:], attention[mined:], layers, logits=False)
+        return {layer: torch.cat([attacked[layer], clean[layer]]) for layer in layers}
+
+    # ----- loss ------------------------------------------------------------------------------------
+    def _scale(self, reference: Tensor, mask: Tensor) -> Tensor | float:
+        if self.hparams.scale == "absolute":
+            return 1.0
+        return masked_mean(reference.float().norm(dim=-1), mask).detach()
+
+    def compute_losses(self, batch: dict) -> dict[str, Tensor]:
+        hp = self.hparams
+        benign, harmful = batch["benign"]["completion"], batch["harmful"]["completion"]
+        layers_b, layers_h = self.resolve(hp.layers_benign), self.resolve(hp.layers_harmful)
+        mask_b, mask_h = position_mask(benign, hp.positions), position_mask(harmful, hp.positions)
+        use_kl = hp.gamma > 0
+
+        if hp.mining and self.training and self.global_step % hp.mining_interval == 0 \
+                and self._mined_at_step != self.global_step:
+            self._mined_at_step = self.global_step
+            self._mine(harmful)
+
+        with self.reference():
+            ref_b, ref_logits = forward_states(self.model, benign["input_ids"], benign["attention_mask"], layers_b, use_kl)
+            ref_h, _ = forward_states(self.model, harmful["input_ids"], harmful["attention_mask"], layers_h, logits=False)
+        new_b, logits = forward_states(self.model, benign["input_ids"], benign["attention_mask"], layers_b, use_kl)
+        new_h = self._harmful_states(harmful, sorted(set(layers_b) | set(layers_h)))
+        mu_h = {layer: masked_mean(states, mask_h) for layer, states in new_h.items()}
+
+        terms: dict[str, list[Tensor]] = {k: [] for k in
+                                          ("b_pos", "b_neg", "h_pos", "h_neg", "loss_benign", "loss_harmful")}
+        for layer in layers_b:
+            s = self._scale(ref_b[layer], mask_b)
+            w = hp.mix_weight * s
+            terms["loss_benign"].append(triplet_loss(new_b[layer], ref_b[layer], mu_h[layer], mask_b, hp.margin_benign * s,
+                                                     hp.distance_benign_positive, hp.distance_benign_negative, w))
+            with torch.no_grad():
+                terms["b_pos"].append(masked_mean(distance(new_b[layer], ref_b[layer], hp.distance_benign_positive, w), mask_b))
+                terms["b_neg"].append(masked_mean(distance(new_b[layer], mu_h[layer], hp.distance_benign_negative, w), mask_b))
+        for layer in layers_h:
+            s = self._scale(ref_h[layer], mask_h)
+            w = hp.mix_weight * s
+            terms["loss_harmful"].append(triplet_loss(new_h[layer], mu_h[layer], ref_h[layer], mask_h, hp.margin_harmful * s,
+                                                      hp.distance_harmful_positive, hp.distance_harmful_negative, w))
+            with torch.no_grad():
+                terms["h_pos"].append(masked_mean(distance(new_h[layer], mu_h[layer], hp.distance_harmful_positive, w), mask_h))
+                terms["h_neg"].append(masked_mean(distance(new_h[layer], ref_h[layer], hp.distance_harmful_negative, w), mask_h))
+
+        out = {name: torch.stack(values).mean() for name, values in terms.items()}
+        out["loss_kl"] = (kl_divergence(ref_logits, logits, benign["attention_mask"], hp.temperature)
+                          if use_kl else torch.zeros((), device=out["loss_benign"].device))
+        out["loss"] = hp.alpha * out["loss_benign"] + hp.beta * out["loss_harmful"] + hp.gamma * out["loss_kl"]
+        return {
+            "loss": out["loss"], "loss_benign": out["loss_benign"], "loss_harmful": out["loss_harmful"],
+            "loss_kl": out["loss_kl"],
+            "distance/benign_to_reference": out["b_pos"], "distance/benign_to_harmful_mean": out["b_neg"],
+            "distance/harmful_to_harmful_mean": out["h_pos"], "distance/harmful_to_reference": out["h_neg"],
+            "mining_fraction": torch.tensor(float(hp.mining_fraction if self.miner is not None else 0.0)),
+        }

@@ -1,0 +1,75 @@
+"""Every loss against values computed by hand on small tensors."""
+
+import math
+
+import pytest
+import torch
+
+from lit_safety.losses import away, distance, kl_divergence, token_logprobs, toward, triplet_loss
+
+
+def uniform_logits(batch, length, vocab):
+    return torch.zeros(batch, length, vocab)
+
+
+def test_toward_is_masked_token_nll():
+    # Position t predicts token t+1. With logits favouring token 1 by log(3) over 2 others: p(1) = 3/5.
+    logits = torch.zeros(1, 3, 3)
+    logits[..., 1] = math.log(3)
+    ids = torch.tensor([[0, 1, 2]])
+    mask = torch.tensor([[False, True, True]])  # targets: token 1 (p 3/5) and token 2 (p 1/5)
+    expected = -(math.log(3 / 5) + math.log(1 / 5)) / 2
+    assert toward(logits, ids, mask).item() == pytest.approx(expected, rel=1e-6)
+    only_last = torch.tensor([[False, False, True]])
+    assert toward(logits, ids, only_last).item() == pytest.approx(-math.log(1 / 5), rel=1e-6)
+
+
+def test_away_is_unlikelihood():
+    logits = torch.zeros(1, 2, 4)  # uniform: p = 1/4 for every token
+    ids = torch.tensor([[0, 3]])
+    mask = torch.tensor([[False, True]])
+    assert away(logits, ids, mask).item() == pytest.approx(-math.log(1 - 0.25), rel=1e-6)
+    assert token_logprobs(logits, ids).shape == (1, 1)
+
+
+def test_kl_divergence_with_temperature():
+    ref = torch.tensor([[[math.log(3.0) * 2, 0.0]]])  # at T=2: softmax(log 3, 0) = (3/4, 1/4)
+    new = torch.zeros(1, 1, 2)  # uniform
+    expected = 4 * (0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5))
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    assert kl_divergence(ref, new, mask, temperature=2.0).item() == pytest.approx(expected, rel=1e-5)
+    assert kl_divergence(ref, ref, mask).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_distances_by_hand():
+    x = torch.tensor([[3.0, 4.0]])
+    y = torch.tensor([[0.0, 4.0]])
+    cos = 16 / (5 * 4)
+    assert distance(x, y, "l2").item() == pytest.approx(3.0)
+    assert distance(x, y, "cosine").item() == pytest.approx(1 - cos)
+    assert distance(x, y, "mix", mix_weight=10.0).item() == pytest.approx(3.0 + 10 * (1 - cos))
+    # mix clips negative cosine at 0: opposite vectors cost the full weight, not twice it.
+    assert distance(x, -x, "mix", mix_weight=2.0).item() == pytest.approx(10.0 + 2.0)
+    with pytest.raises(ValueError, match="unknown distance 'l1'"):
+        distance(x, y, "l1")
+
+
+def test_triplet_loss_masks_tokens_and_relu_zero_region():
+    anchor = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [9.0, 9.0]]])  # [B=1, T=3, D=2]
+    positive = torch.zeros(1, 3, 2)
+    negative = torch.tensor([3.0, 0.0])  # broadcast, like the harmful mean
+    mask = torch.tensor([[True, True, False]])  # the third token must not count
+    # token 0: d_p = 1, d_n = 2 -> ReLU(1 - 2 + 0.5) = 0 (zero region)
+    # token 1: d_p = 2, d_n = sqrt(13) -> ReLU(2 - 3.6056 + 2.0) = 0.3944
+    margin = 0.5
+    loss = triplet_loss(anchor, positive, negative, mask, margin, "l2", "l2")
+    assert loss.item() == pytest.approx((0.0 + max(0.0, 2 - math.sqrt(13) + margin)) / 2, abs=1e-6)
+    loss = triplet_loss(anchor, positive, negative, mask, 2.0, "l2", "l2")
+    assert loss.item() == pytest.approx(((1 - 2 + 2.0) + (2 - math.sqrt(13) + 2.0)) / 2, rel=1e-6)
+
+
+def test_triplet_gradient_is_zero_in_the_relu_zero_region():
+    anchor = torch.tensor([[[0.1, 0.0]]], requires_grad=True)
+    loss = triplet_loss(anchor, torch.zeros(2), torch.tensor([5.0, 0.0]), torch.ones(1, 1, dtype=torch.bool), 1.0, "l2", "l2")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(anchor.grad, torch.zeros_like(anchor))

@@ -1,0 +1,43 @@
+"""Properties every method must have, checked on the tiny organism: only LoRA weights change, the
+reference stays the base model, and nothing but adapter weights reaches the checkpoint."""
+
+import lightning as L
+import pytest
+import torch
+
+from lit_safety import RefusalSFTModule, SafetyDataModule, TripletDefenseModule, backbone
+
+METHODS = {
+    "refusal_sft": (RefusalSFTModule, {}),
+    "triplet": (TripletDefenseModule, {"layers_benign": [0, 1], "layers_harmful": [1]}),
+    "triplet_mining": (TripletDefenseModule, {"layers_benign": [1], "layers_harmful": [1], "mining": True,
+                                              "mining_interval": 1, "mining_steps": 2, "mining_layers": [0]}),
+}
+
+
+def fit(module, steps: int = 2):
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, SafetyDataModule(batch_size=4, val_fraction=0.0))
+    return trainer
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_only_lora_changes_and_reference_stays_the_base(name):
+    cls, kwargs = METHODS[name]
+    module = cls(**kwargs, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    fit(module)
+    changed = {n for n, p in module.named_parameters() if not torch.equal(before[n], p)}
+    assert changed and all("lora_" in n for n in changed), sorted(changed)[:5]
+    assert {n for n, p in module.named_parameters() if p.requires_grad} >= changed
+
+    base = backbone.load_causal_lm("organism")
+    ids = torch.randint(7, 40, (2, 8))
+    with module.reference():
+        reference_logits = module.model(ids).logits
+    assert torch.equal(reference_logits, base(ids).logits)
+    assert not torch.equal(module.model(ids).logits, reference_logits)
+    assert all("lora_" in k for k in module.state_dict())
+    assert not any(layer._forward_hooks for layer in backbone.decoder_layers(module.model))

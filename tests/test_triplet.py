@@ -1,0 +1,80 @@
+import lightning as L
+import pytest
+import torch
+
+from lit_safety import SafetyDataModule, TripletDefenseModule, backbone
+from lit_safety.adversaries import ResidualAttack
+from lit_safety.backbone import BackboneError
+from lit_safety.losses import toward
+
+
+@pytest.fixture
+def harmful_batch():
+    data = SafetyDataModule(batch_size=8, val_fraction=0.0, tokenizer="organism")
+    data.setup("fit")
+    batch, _, _ = next(iter(data.train_dataloader()))
+    return batch
+
+
+def test_residual_attack_starts_as_identity_lowers_nll_and_leaves_nothing_behind(harmful_batch):
+    model = backbone.add_lora(backbone.load_causal_lm("organism"))
+    harmful = harmful_batch["harmful"]["completion"]
+    ids, mask = harmful["input_ids"], harmful["attention_mask"]
+    names_before = [n for n, _ in model.named_parameters()]
+    lora_grads_before = [p.grad for p in model.parameters() if p.requires_grad]
+    clean = model(input_ids=ids, attention_mask=mask).logits
+    attack = ResidualAttack.for_model(model, layer=0)
+    with attack.attached(model):
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, clean)  # identity at start
+
+    def nll():
+        with attack.attached(model):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        return toward(logits, ids, harmful["completion_mask"])
+
+    losses = attack.train(nll, steps=20, lr=1e-2)
+    assert losses[-1] < losses[0]
+    assert not any(layer._forward_hooks for layer in backbone.decoder_layers(model))
+    assert [n for n, _ in model.named_parameters()] == names_before
+    assert [p.grad for p in model.parameters() if p.requires_grad] == lora_grads_before  # all None
+    assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, clean)
+
+
+def test_gradients_reach_only_lora(harmful_batch):
+    module = TripletDefenseModule(layers_benign=[0, 1], layers_harmful=[1], mining=True, mining_interval=1,
+                                  mining_steps=2, mining_layers=[0])
+    module.configure_model()
+    module.train()
+    module.compute_losses(harmful_batch)["loss"].backward()
+    with_grad = {n for n, p in module.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora_" in n for n in with_grad)
+    assert module.miner is not None and all(p.grad is None or p.grad.abs().sum() >= 0 for p in module.miner.parameters())
+    assert not any(t is p for t in module.miner.parameters() for p in module.parameters())
+
+
+def test_mining_layer_after_the_triplet_layers_is_rejected():
+    module = TripletDefenseModule(layers_benign=[0], layers_harmful=[0], mining=True, mining_layers=[1])
+    with pytest.raises(BackboneError, match="mining_layers .* must lie before the deepest triplet layer"):
+        module.configure_model()
+
+
+def test_short_run_moves_harmful_states_away_and_keeps_benign_states(harmful_batch):
+    module = TripletDefenseModule(layers_benign=[0, 1], layers_harmful=[0, 1],
+                                  optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
+    module.configure_model()
+    module.eval()
+    with torch.no_grad():
+        start = module.compute_losses(harmful_batch)
+    assert abs(start["distance/harmful_to_reference"]) < 1e-5  # fresh LoRA: the model is the reference
+    trainer = L.Trainer(max_steps=100, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, SafetyDataModule(batch_size=8, val_fraction=0.0))
+    module.eval()
+    with torch.no_grad():
+        end = module.compute_losses(harmful_batch)
+    moved = end["distance/harmful_to_reference"].item()
+    kept = end["distance/benign_to_reference"].item()
+    # The margins ask harmful states to end at least 1.0 reference norms from where they were and
+    # benign states within 0.5 of theirs: harmful states must move at least twice as far.
+    assert moved > 2 * kept, (moved, kept)
+    assert end["loss_harmful"] < start["loss_harmful"]
