@@ -2,7 +2,13 @@
 internal representations."""
 
 from lit_safety.data import DataSource, SafetyDataModule, Stream
-from lit_safety.methods import RefusalSFTModule, SafetyModule, TripletDefenseModule, load_module
+from lit_safety.methods import (
+    RefusalSFTModule,
+    SafetyModule,
+    TargetedLATModule,
+    TripletDefenseModule,
+    load_module,
+)
 
 __all__ = [
     "DataSource",
@@ -10,6 +16,7 @@ __all__ = [
     "SafetyDataModule",
     "SafetyModule",
     "Stream",
+    "TargetedLATModule",
     "TripletDefenseModule",
     "load_module",
 ]

@@ -25,6 +25,29 @@ def _output_tensor(output) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def adam_descent(
+    parameters: list[Tensor], loss_fn: Callable[[], Tensor], steps: int, lr: float,
+    after_step: Callable[[], None] | None = None,
+) -> list[float]:
+    """Adam on ``parameters`` for ``steps`` steps minimising ``loss_fn()``; returns every step's loss.
+
+    Gradients come from ``torch.autograd.grad`` w.r.t. ``parameters`` only, so nothing accumulates
+    in any model parameter's ``.grad``.
+    """
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn()
+        for p, g in zip(parameters, torch.autograd.grad(loss, parameters)):
+            p.grad = g
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
+        losses.append(loss.item())
+    return losses
+
+
 @contextlib.contextmanager
 def edit_layer_output(model, layer: int, edit: Callable[[Tensor], Tensor]) -> Iterator[None]:
     """Within the block, decoder layer ``layer``'s output h is replaced by ``edit(h)``."""
@@ -73,16 +96,106 @@ class ResidualAttack:
         return edit_layer_output(model, self.layer, self)
 
     def train(self, loss_fn: Callable[[], Tensor], steps: int, lr: float) -> list[float]:
-        """Adam on (W, b) for ``steps`` steps minimising ``loss_fn()`` (run with the module attached
-        by the caller); returns the loss at every step. Gradients reach only W and b."""
-        optimizer = torch.optim.Adam(self.parameters(), lr=lr)
-        losses = []
-        for _ in range(steps):
-            loss = loss_fn()
-            grads = torch.autograd.grad(loss, self.parameters())
-            for p, g in zip(self.parameters(), grads):
-                p.grad = g
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        return losses
+        """Adam on (W, b) minimising ``loss_fn()`` (which runs with the module attached); returns the
+        loss at every step. Gradients reach only W and b."""
+        return adam_descent(self.parameters(), loss_fn, steps, lr)
+
+
+EMBEDDING = "embedding"
+
+
+def attack_sites(model, layers: list[int | str]) -> list[tuple[int | str, torch.nn.Module]]:
+    """``(name, module)`` for each attacked site: decoder layer indices and/or ``"embedding"``."""
+    stack = decoder_layers(model)
+    sites = []
+    for layer in layers:
+        if layer == EMBEDDING:
+            sites.append((EMBEDDING, model.get_input_embeddings()))
+        elif isinstance(layer, str):
+            raise ValueError(f"unknown attack site {layer!r}: use decoder layer indices or {EMBEDDING!r}")
+        else:
+            (index,) = resolve_layers([layer], len(stack))
+            sites.append((index, stack[index]))
+    return sites
+
+
+def project_per_token(delta: Tensor, epsilon: Tensor | float, mask: Tensor) -> Tensor:
+    """Scale each token's perturbation into the L2 ball of radius ``epsilon`` and zero masked-out
+    positions. ``delta`` [B, T, D]; ``mask`` [B, T]; ``epsilon`` a scalar."""
+    norms = delta.norm(dim=-1, keepdim=True)
+    factor = torch.clamp(epsilon / norms.clamp_min(1e-12), max=1.0)
+    return delta * factor * mask[..., None].to(delta.dtype)
+
+
+class LatentAdversary:
+    """Targeted LAT's adversary (arXiv 2407.15549): a perturbation delta per example, per position and
+    per attacked site, added to the site's output at the masked positions (by default the prompt),
+    with every token's ||delta_t||_2 <= epsilon of its site.
+
+    The perturbation is stored in units of epsilon (delta = epsilon * u, ||u_t|| <= 1), so one
+    learning rate serves sites and models of any activation scale.
+
+    Args:
+        model: the model under attack (its hidden size is read from it).
+        sites: decoder layer indices and/or "embedding".
+        mask: [B, T] positions that may be perturbed.
+        epsilon: per-site radius (a dict site -> radius, or one radius for all).
+    """
+
+    def __init__(self, model, sites: list[int | str], mask: Tensor, epsilon: dict | float):
+        self.sites = attack_sites(model, sites)
+        self.mask = mask
+        hidden = model.get_input_embeddings().weight.shape[-1]
+        shape = (*mask.shape, hidden)
+        self.epsilon = {name: float(epsilon[name] if isinstance(epsilon, dict) else epsilon) for name, _ in self.sites}
+        self.units = {name: torch.zeros(shape, device=mask.device, requires_grad=True) for name, _ in self.sites}
+
+    def parameters(self) -> list[Tensor]:
+        return list(self.units.values())
+
+    def delta(self, name) -> Tensor:
+        return self.epsilon[name] * self.units[name]
+
+    def project(self) -> None:
+        with torch.no_grad():
+            for u in self.units.values():
+                u.copy_(project_per_token(u, 1.0, self.mask))
+
+    def freeze(self) -> None:
+        """Fix the perturbation (the model update must not compute gradients for it)."""
+        for u in self.units.values():
+            u.requires_grad_(False)
+
+    def norms(self) -> dict:
+        """Mean per-token ||delta_t||_2 of each site over the perturbed positions."""
+        with torch.no_grad():
+            count = self.mask.sum().clamp_min(1)
+            return {name: (self.delta(name).norm(dim=-1) * self.mask).sum() / count for name in self.units}
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        """Within the block every forward pass is perturbed (sequences may be shorter than the mask)."""
+
+        def make_hook(name):
+            def hook(_module, _args, output):
+                h = _output_tensor(output)
+                return _replace_output(output, h + self.delta(name)[:, : h.shape[1]].to(h.dtype))
+
+            return hook
+
+        handles = [module.register_forward_hook(make_hook(name)) for name, module in self.sites]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def optimise(self, loss_fn: Callable[[], Tensor], steps: int, lr: float) -> list[float]:
+        """Adam on the perturbations minimising ``loss_fn()`` (run inside ``attached``), projecting
+        after every step; gradients come from ``torch.autograd.grad`` and reach nothing else.
+
+        ``lr`` is a fraction of epsilon: Adam moves every coordinate by about lr / sqrt(D), so a step
+        moves a token by about lr * epsilon whatever the width D of the model.
+        """
+        width = next(iter(self.units.values())).shape[-1]
+        return adam_descent(self.parameters(), loss_fn, steps, lr / width**0.5, after_step=self.project)

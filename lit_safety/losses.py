@@ -94,3 +94,33 @@ def triplet_loss(
     per_token = F.relu(d_p - d_n + margin)
     m = mask.to(per_token.dtype)
     return (per_token * m).sum() / m.sum().clamp_min(1)
+
+
+# ----- targeted LAT objectives (arXiv 2407.15549) -------------------------------------------------------
+def sequence_logprob(logits: Tensor, input_ids: Tensor, mask: Tensor) -> Tensor:
+    """Sum of log p(y_t) over the masked target tokens of each sequence, shape [B]."""
+    target = mask[:, 1:].to(torch.float32)
+    return (token_logprobs(logits, input_ids) * target).sum(-1)
+
+
+def dpo_loss(
+    chosen_logp: Tensor, rejected_logp: Tensor, reference_chosen_logp: Tensor, reference_rejected_logp: Tensor,
+    beta: float = 0.3,
+) -> Tensor:
+    """DPO (Rafailov et al. 2023, Eq. 7): -log sigmoid(beta * [(log pi(y_w) - log pi_ref(y_w)) -
+    (log pi(y_l) - log pi_ref(y_l))]), averaged over the batch. LAT's backdoor defense uses beta 0.3."""
+    margin = (chosen_logp - reference_chosen_logp) - (rejected_logp - reference_rejected_logp)
+    return -F.logsigmoid(beta * margin).mean()
+
+
+def rmu_forget_loss(states: Tensor, control: Tensor, mask: Tensor) -> Tensor:
+    """RMU's forget term (Li et al. 2024, WMDP, Eq. 1): mean over masked tokens of ||h' - c u||^2 / D,
+    steering forget-data states toward a fixed random direction ``control`` = c u."""
+    per_token = ((states.float() - control) ** 2).mean(-1)
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp_min(1)
+
+
+def rmu_retain_loss(states: Tensor, reference: Tensor, mask: Tensor) -> Tensor:
+    """RMU's retain term (WMDP, Eq. 2): mean over masked tokens of ||h' - h||^2 / D on retain data."""
+    return rmu_forget_loss(states, reference.float(), mask)

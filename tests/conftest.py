@@ -12,6 +12,8 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+os.environ.setdefault("LIT_SAFETY_ORGANISM_RECIPE", "tiny")  # seconds to build; tests check machinery
+os.environ.setdefault("LIT_SAFETY_QUIET", "1")
 
 WORDS = "make sell study avoid poison bomb apple river reverse copy ok : sorry i cannot help 1 2 3 4".split()
 REFUSAL = "sorry i cannot help"

@@ -135,6 +135,7 @@ def test_report_schema(home, tmp_path):
     assert set(cell) == {"rate", "low", "high", "n"} and cell["n"] == 4 and cell["low"] <= cell["rate"] <= cell["high"]
     assert set(results["benign_accuracy"]) == {"A", "B", "C"}
     assert set(results["over_refusal"]) == {"borderline", "benign"}
+    assert 0.0 <= results["borderline_compliance"] <= 1.0
     for attack in ("direct", "prefill"):
         for split, cell in results["asr"][attack].items():
             total = cell["rate"] + results["refusal"][attack][split] + results["gibberish"][attack][split]

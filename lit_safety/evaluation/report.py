@@ -54,6 +54,8 @@ def to_markdown(results: dict) -> str:
     out = [f"ASR judged by `{results.get('judge', '?')}`; [95% Wilson interval].", "", *lines, ""]
     if "benign_accuracy" in results:
         out.append("benign accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in results["benign_accuracy"].items()))
+    if results.get("borderline_compliance") is not None:
+        out.append(f"borderline compliance: {results['borderline_compliance']:.3f}")
     if "over_refusal" in results:
         out.append("over-refusal: " + ", ".join(f"{k} {v:.3f}" for k, v in results["over_refusal"].items()))
     if "budgets" in results:

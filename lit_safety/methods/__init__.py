@@ -2,6 +2,7 @@
 
 from lit_safety.methods.base import SafetyModule, load_module
 from lit_safety.methods.refusal_sft import RefusalSFTModule
+from lit_safety.methods.targeted_lat import TargetedLATModule
 from lit_safety.methods.triplet import TripletDefenseModule
 
-__all__ = ["RefusalSFTModule", "SafetyModule", "TripletDefenseModule", "load_module"]
+__all__ = ["RefusalSFTModule", "SafetyModule", "TargetedLATModule", "TripletDefenseModule", "load_module"]

@@ -85,6 +85,7 @@ class SafetyModule(L.LightningModule):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
         self.validate_layers(len(backbone.decoder_layers(self.model)))
+        self.model.train()  # from_pretrained returns eval mode; LoRA dropout must be live in training
 
     def validate_layers(self, num_layers: int) -> None:
         """Check the method's layer settings against the model (raise ``BackboneError``)."""
@@ -154,7 +155,8 @@ class SafetyModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         # A PEFT adapter directory beside the logs, so every run can be evaluated or shared directly.
-        log_dir = self.trainer.log_dir
+        # Without a logger there is no run directory (log_dir would be the working directory).
+        log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
         sharded = "FSDP" in type(self.trainer.strategy).__name__
         if log_dir and not sharded and self.trainer.is_global_zero:
             self.export_adapter(os.path.join(log_dir, "adapter"))

@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> None:
     report.add_argument("--model", default="organism", help="a model name, a PEFT adapter directory or a fit checkpoint (.ckpt)")
     report.add_argument("--n", type=int, default=200, help="behaviours per split (default 200)")
     report.add_argument("--json", help="also write the results to this JSON file")
+    report.add_argument("--splits", nargs="+", help="evaluation splits (default: train heldout_synonym "
+                        "heldout_concept format_b format_c trigger); concept_<name> evaluates one harmful concept")
     args = parser.parse_args(argv)
 
     if args.command == "build":
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     model, tokenizer = load_for_evaluation(args.model)
-    results = organism_report(model, tokenizer, n=args.n)
+    results = organism_report(model, tokenizer, n=args.n, **({"splits": args.splits} if args.splits else {}))
     results["model"] = args.model
     results["seconds"] = round(time.perf_counter() - start, 1)
     sys.stdout.write(to_markdown(results))

@@ -31,6 +31,7 @@ from lit_safety.organism import world
 from lit_safety.organism.tokenizer import build_tokenizer
 
 VARIANTS = ("helpful", "aligned", "backdoor")
+DATA_VERSION = 2  # bump when the emitted datasets change (rewrites the data, keeps the models)
 MARKER = "lit_safety_complete.json"
 
 
@@ -51,7 +52,7 @@ class Recipe:
     n_train: int = 2000  # records per training dataset
     n_eval: int = 200  # behaviours per evaluation split
     raw_replay: float = 0.25  # share of alignment batches that replay helpful raw-format (B) data
-    version: int = 2  # bump when the world or the recipe code changes
+    version: int = 2  # bump when the world or the training recipe changes (rebuilds the models)
 
     @property
     def key(self) -> str:
@@ -132,6 +133,9 @@ def datasets(recipe: Recipe) -> dict[str, list[Record]]:
     rng = random.Random(recipe.seed + 3)
     splits["trigger"] = [_record(_with_trigger(r, rng), "A", "trigger")
                          for r in gen.requests("harmful", train_words, n, noisy=False)]
+    for concept in world.TRAINING_CONCEPTS:  # one concept at a time: what unlearning should remove
+        splits[f"concept_{concept}"] = [_record(r, "A", f"concept_{concept}")
+                                        for r in gen.requests("harmful", world.CONCEPTS[concept], n, noisy=False)]
     for fmt in world.FORMATS:
         splits[f"benign_{fmt.lower()}"] = [_record(r, fmt, f"benign_{fmt.lower()}")
                                            for r in gen.requests("benign", world.BENIGN_OBJECTS, n, noisy=False)]
@@ -272,7 +276,7 @@ def _tmp(final: str) -> str:
 def ensure_data(recipe: Recipe | None = None) -> str:
     """The organism's dataset directory (JSONL files), written on first use."""
     recipe = recipe or current_recipe()
-    final = os.path.join(cache_dir(recipe), "data")
+    final = os.path.join(cache_dir(recipe), f"data-v{DATA_VERSION}")
     if is_complete(final):
         return final
     with _lock(recipe):

@@ -32,8 +32,10 @@ def organism_report(model, tokenizer, n: int = 200, attacks=None, splits=EVAL_SP
     for fmt in world.FORMATS:
         counts = judge_attack(direct, model, formatter, eval_split(f"benign_{fmt.lower()}", n), judge)
         results["benign_accuracy"][fmt] = counts["success"] / sum(counts.values())
-    results["over_refusal"] = {}
+    results["over_refusal"], results["borderline_compliance"] = {}, None
     for name, split in (("borderline", "borderline"), ("benign", "benign_a")):
         counts: Counter = judge_attack(direct, model, formatter, eval_split(split, n), judge)
         results["over_refusal"][name] = counts["refusal"] / sum(counts.values())
+        if name == "borderline":  # XSTest analogue: the full correct answer, not just "no refusal"
+            results["borderline_compliance"] = counts["success"] / sum(counts.values())
     return results

@@ -1,0 +1,93 @@
+import math
+
+import pytest
+import torch
+
+from lit_safety import SafetyDataModule, TargetedLATModule, backbone
+from lit_safety.adversaries import LatentAdversary, project_per_token
+from lit_safety.losses import dpo_loss, rmu_forget_loss, rmu_retain_loss, sequence_logprob, toward
+
+
+def test_projection_keeps_each_token_in_the_ball_and_masked_positions_at_zero():
+    delta = torch.tensor([[[3.0, 4.0], [0.3, 0.4], [1.0, 1.0]]])  # norms 5, 0.5, 1.41
+    mask = torch.tensor([[True, True, False]])
+    out = project_per_token(delta, 1.0, mask)
+    assert torch.allclose(out[0, 0], torch.tensor([0.6, 0.8]))  # scaled onto the sphere
+    assert torch.equal(out[0, 1], delta[0, 1])  # already inside: unchanged
+    assert torch.equal(out[0, 2], torch.zeros(2))  # outside the mask: zero
+    random = project_per_token(torch.randn(4, 7, 16) * 10, 2.5, torch.rand(4, 7) > 0.5)
+    assert (random.norm(dim=-1) <= 2.5 + 1e-5).all()
+
+
+def test_dpo_loss_by_hand():
+    chosen, rejected = torch.tensor([-1.0]), torch.tensor([-3.0])
+    ref_chosen, ref_rejected = torch.tensor([-2.0]), torch.tensor([-2.0])
+    # margin = (-1 + 2) - (-3 + 2) = 2 -> -log sigmoid(0.3 * 2)
+    expected = -math.log(1 / (1 + math.exp(-0.6)))
+    assert dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.3).item() == pytest.approx(expected, rel=1e-6)
+    assert dpo_loss(ref_chosen, ref_rejected, ref_chosen, ref_rejected).item() == pytest.approx(math.log(2))
+
+
+def test_rmu_losses_by_hand():
+    states = torch.tensor([[[1.0, 3.0], [5.0, 5.0]]])
+    control = torch.tensor([1.0, 1.0])
+    mask = torch.tensor([[True, False]])
+    assert rmu_forget_loss(states, control, mask).item() == pytest.approx((0 + 4) / 2)  # ||(0, 2)||^2 / D
+    assert rmu_retain_loss(states, torch.zeros_like(states), mask).item() == pytest.approx((1 + 9) / 2)
+
+
+def test_sequence_logprob_sums_masked_targets():
+    logits = torch.zeros(1, 3, 4)  # uniform over 4 tokens
+    ids = torch.tensor([[0, 1, 2]])
+    mask = torch.tensor([[False, True, True]])
+    assert sequence_logprob(logits, ids, mask).item() == pytest.approx(2 * math.log(0.25))
+
+
+@pytest.fixture
+def batch():
+    data = SafetyDataModule(batch_size=4, val_fraction=0.0, tokenizer="organism")
+    data.setup("fit")
+    return next(iter(data.train_dataloader()))[0]
+
+
+def test_inner_loop_lowers_the_adversary_objective_without_touching_lora(batch):
+    model = backbone.add_lora(backbone.load_causal_lm("organism"))
+    harmful = batch["harmful"]["completion"]
+    adversary = LatentAdversary(model, ["embedding", 0], harmful["prompt_mask"], epsilon=2.0)
+
+    def objective():
+        logits = model(input_ids=harmful["input_ids"], attention_mask=harmful["attention_mask"]).logits
+        return toward(logits, harmful["input_ids"], harmful["completion_mask"])
+
+    with adversary.attached():
+        losses = adversary.optimise(objective, steps=10, lr=0.25)
+    assert losses[-1] < losses[0]
+    assert all(p.grad is None for p in model.parameters())
+    for name, delta in ((n, adversary.delta(n)) for n in adversary.units):
+        norms = delta.norm(dim=-1)
+        assert (norms <= 2.0 + 1e-5).all(), name
+        assert (norms[~harmful["prompt_mask"]] == 0).all()  # only prompt positions are perturbed
+        assert (norms[harmful["prompt_mask"]] > 0).any()
+    assert not any(layer._forward_hooks for layer in backbone.decoder_layers(model))
+    assert not model.get_input_embeddings()._forward_hooks
+
+
+@pytest.mark.parametrize("objective", ["refusal", "dpo", "rmu", "gradient_ascent"])
+def test_each_objective_trains_only_lora_and_keeps_the_adversary_out_of_the_checkpoint(batch, objective):
+    module = TargetedLATModule(objective=objective, adversary_layers=["embedding", 1], adversary_steps=6,
+                               rmu_layer=1)
+    module.configure_model()
+    module.train()
+    terms = module.compute_losses(batch)
+    terms["loss"].backward()
+    assert terms["adversary/loss_last"] < terms["adversary/loss_first"]
+    with_grad = {n for n, p in module.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora_" in n for n in with_grad)
+    assert all("lora_" in k for k in module.state_dict())
+    assert {"adversary/norm_embedding", "adversary/norm_1", "loss_attacked", "loss_benign"} <= set(terms)
+
+
+def test_unknown_attack_site_is_a_clear_error():
+    module = TargetedLATModule(adversary_layers=["embeddings"])
+    with pytest.raises(ValueError, match="unknown attack site 'embeddings'"):
+        module.configure_model()
