@@ -105,7 +105,8 @@ EMBEDDING = "embedding"
 
 
 def attack_sites(model, layers: list[int | str]) -> list[tuple[int | str, torch.nn.Module]]:
-    """``(name, module)`` for each attacked site: decoder layer indices and/or ``"embedding"``."""
+    """``(site as given, module)`` for each attacked site: decoder layer indices (negative allowed)
+    and/or ``"embedding"``."""
     stack = decoder_layers(model)
     sites = []
     for layer in layers:
@@ -115,8 +116,26 @@ def attack_sites(model, layers: list[int | str]) -> list[tuple[int | str, torch.
             raise ValueError(f"unknown attack site {layer!r}: use decoder layer indices or {EMBEDDING!r}")
         else:
             (index,) = resolve_layers([layer], len(stack))
-            sites.append((index, stack[index]))
+            sites.append((layer, stack[index]))
     return sites
+
+
+@torch.no_grad()
+def site_norms(model, sites: list[int | str], input_ids: Tensor, attention_mask: Tensor, mask: Tensor) -> dict:
+    """Mean per-token activation norm of each site over the masked positions: the unit of
+    scale-relative epsilons."""
+    from lit_safety.representations import capture_residuals, masked_mean
+
+    layers = [s for s in sites if s != EMBEDDING]
+    resolved = dict(zip(layers, resolve_layers(layers, len(decoder_layers(model)))))
+    with capture_residuals(model, layers) as states:
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    embeddings = model.get_input_embeddings()(input_ids)
+
+    def norm(h: Tensor) -> float:
+        return masked_mean(h.float().norm(dim=-1), mask).item()
+
+    return {s: norm(embeddings if s == EMBEDDING else states[resolved[s]]) for s in sites}
 
 
 def project_per_token(delta: Tensor, epsilon: Tensor | float, mask: Tensor) -> Tensor:

@@ -31,6 +31,20 @@ class Stream:
     max_completion_length: int = 128
 
 
+def default_test_splits() -> dict[str, list[str]]:
+    """The organism's evaluation: harmful behaviours per split; benign prompts per format (A chat,
+    B raw, C chat with a system turn) and borderline prompts."""
+    harmful = ["train", "heldout_synonym", "heldout_concept", "format_b", "format_c", "trigger"]
+    splits = {name: [f"organism:eval_{name}"] for name in harmful}
+    splits.update({fmt: [f"organism:eval_benign_{fmt.lower()}"] for fmt in "ABC"})
+    splits["borderline"] = ["organism:eval_borderline"]
+    return splits
+
+
+def _collate_records(pairs):
+    return pairs  # [(split, Record)]: attacks work on records, not tensors
+
+
 def default_streams() -> dict[str, Stream]:
     """The organism's training data: harmful requests, and benign plus borderline retain data."""
     return {
@@ -72,6 +86,11 @@ class SafetyDataModule(L.LightningDataModule):
         val_fraction: fraction of each stream held out for validation (0 disables validation).
         tokenizer: model name whose tokenizer formats the data; defaults to the model being trained.
         chat_template: a Jinja chat template (string or path) for tokenizers without one.
+        test_splits: evaluation split name -> sources of its behaviours (harmful records are
+            attacked; benign and borderline ones measure capability and over-refusal). Defaults to
+            the organism's splits.
+        test_size: records per evaluation split (the first ones).
+        test_batch_size: records per evaluation batch.
         pad_to_multiple_of: pad sequence lengths to a multiple of this (e.g. 8 for tensor cores).
         num_workers: data loader worker processes.
         seed: seed of the validation split and of the shuffling.
@@ -84,6 +103,9 @@ class SafetyDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         tokenizer: str | None = None,
         chat_template: str | None = None,
+        test_splits: dict[str, list[str | DataSource]] | None = None,
+        test_size: int = 100,
+        test_batch_size: int = 100,
         pad_to_multiple_of: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
@@ -98,6 +120,10 @@ class SafetyDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.tokenizer_name = tokenizer
         self.chat_template = chat_template
+        self.test_splits = test_splits if test_splits is not None else default_test_splits()
+        self.test_size = test_size
+        self.test_batch_size = test_batch_size
+        self.test_records: dict[str, list[Record]] = {}
         self.pad_to_multiple_of = pad_to_multiple_of
         self.num_workers = num_workers
         self.seed = seed
@@ -132,6 +158,9 @@ class SafetyDataModule(L.LightningDataModule):
                         )
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "test":
+            self._setup_test()
+            return
         if self.tokenizer is not None:
             return
         tokenizer = self._load_tokenizer()
@@ -147,6 +176,25 @@ class SafetyDataModule(L.LightningDataModule):
             self.train_records[name] = records[n_val:]
         self._check_requirements()
         self.tokenizer = tokenizer
+
+    def _setup_test(self) -> None:
+        if self.test_records:
+            return
+        require_chat_template(self._load_tokenizer(), self.chat_template)
+        for name, sources in self.test_splits.items():
+            records = [record for source in sources for record in load_records(source)][: self.test_size]
+            kinds = {r.kind == "harmful" for r in records}
+            if len(kinds) != 1:
+                raise DataError(f"test split '{name}' mixes harmful and other records; give each its own split")
+            self.test_records[name] = records
+
+    def test_split_kinds(self) -> dict[str, bool]:
+        """Split name -> whether it holds harmful behaviours."""
+        return {name: records[0].kind == "harmful" for name, records in self.test_records.items()}
+
+    def test_dataloader(self) -> DataLoader:
+        pairs = [(name, record) for name, records in self.test_records.items() for record in records]
+        return DataLoader(pairs, batch_size=self.test_batch_size, shuffle=False, collate_fn=_collate_records)
 
     def _loader(self, name: str, records: list[Record], shuffle: bool) -> DataLoader:
         stream = self.streams[name]

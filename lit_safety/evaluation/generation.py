@@ -66,3 +66,34 @@ def generate(
     finally:
         model.train(was_training)
     return responses
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding (every row's first real token is position 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+@torch.no_grad()
+def greedy_from_embeddings(model, embeddings: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                           eos_token_id: int, prompt_context=None) -> torch.Tensor:
+    """Greedy decoding from left-padded input embeddings [B, T, D]; returns new token ids [B, N]
+    (``eos_token_id`` after a row has finished). ``prompt_context`` (a context manager) is active
+    only while the prompt is processed, e.g. a latent perturbation at prompt positions."""
+    import contextlib
+
+    mask = attention_mask.long()
+    with prompt_context or contextlib.nullcontext():
+        out = model(inputs_embeds=embeddings, attention_mask=mask, position_ids=positions(mask), use_cache=True)
+    embed = model.get_input_embeddings()
+    tokens, done = [], torch.zeros(embeddings.shape[0], dtype=torch.bool, device=embeddings.device)
+    for _ in range(max_new_tokens):
+        next_token = out.logits[:, -1].argmax(-1)
+        next_token = torch.where(done, torch.full_like(next_token, eos_token_id), next_token)
+        tokens.append(next_token)
+        done |= next_token == eos_token_id
+        if done.all():
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(inputs_embeds=embed(next_token)[:, None], attention_mask=mask,
+                    position_ids=positions(mask)[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+    return torch.stack(tokens, dim=1)

@@ -18,7 +18,7 @@ from lit_safety.evaluation.stats import rate
 
 
 def judge_attack(attack, model, formatter: ChatFormatter, records: Sequence[Record], judge: Judge) -> Counter:
-    responses = attack.run(model, formatter, records)
+    responses = attack.run(model, formatter, records, judge)
     return Counter(judge(record, response) for record, response in zip(records, responses))
 
 
@@ -58,6 +58,8 @@ def to_markdown(results: dict) -> str:
         out.append(f"borderline compliance: {results['borderline_compliance']:.3f}")
     if "over_refusal" in results:
         out.append("over-refusal: " + ", ".join(f"{k} {v:.3f}" for k, v in results["over_refusal"].items()))
+    if results.get("benign_kl"):
+        out.append("benign KL to the reference: " + ", ".join(f"{k} {v:.4f}" for k, v in results["benign_kl"].items()))
     if "budgets" in results:
         out += ["", "budgets: " + json.dumps(results["budgets"])]
     return "\n".join(out) + "\n"

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from lit_safety import backbone
 from lit_safety.backbone import DType, Quantization
+from lit_safety.evaluation.suite import SafetyEvaluation
 
 
 class SafetyModule(L.LightningModule):
@@ -39,6 +40,8 @@ class SafetyModule(L.LightningModule):
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         optimizer: optimizer of the LoRA parameters.
         scheduler: learning-rate scheduler, stepped once per optimizer step.
+        evaluation: the attack suite that ``test`` runs (default: direct request and prefill,
+            exact judge).
     """
 
     # stream name -> record fields the method needs in it; the data module checks them at setup.
@@ -57,11 +60,13 @@ class SafetyModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
+        evaluation: SafetyEvaluation | None = None,
     ):
         super().__init__()
         if lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1, got {lora_rank}")
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "evaluation"])
+        self.evaluation = evaluation
         self.model_name = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -116,6 +121,37 @@ class SafetyModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._log_terms("val", self.compute_losses(batch), batch)
+
+    # ----- evaluation (`python -m lit_safety test`) -------------------------------------------------
+    def on_test_start(self) -> None:
+        if self.evaluation is None:
+            self.evaluation = SafetyEvaluation().to(self.device)
+        self.evaluation.prepare(self.trainer.datamodule.test_split_kinds(), self.model)
+
+    def test_step(self, batch: list, batch_idx: int) -> None:
+        by_split: dict[str, list] = {}
+        for split, record in batch:
+            by_split.setdefault(split, []).append(record)
+        # Gradient attacks need autograd even under the test loop's inference mode.
+        with torch.inference_mode(False), torch.enable_grad():
+            for split, records in by_split.items():
+                self.evaluation.evaluate(self.model, self.tokenizer, split, records, reference=self.reference)
+
+    def on_test_epoch_end(self) -> None:
+        results = self.evaluation.results()
+        scalars = {f"test/asr/{a}/{s}": v["rate"] for a, splits in results["asr"].items() for s, v in splits.items()}
+        scalars.update({f"test/benign_accuracy/{s}": v for s, v in results["benign_accuracy"].items()})
+        scalars.update({f"test/over_refusal/{s}": v for s, v in results["over_refusal"].items()})
+        scalars.update({f"test/benign_kl/{s}": v for s, v in results["benign_kl"].items()})
+        for key, value in scalars.items():
+            self.log(key, value)
+        self.test_results = results
+        if self.trainer.is_global_zero and self.trainer.log_dir and self.trainer.logger is not None:
+            self.evaluation.write(results, self.trainer.log_dir)
+            projected = self.evaluation.projected
+            if projected.get("states") and hasattr(self.trainer.logger.experiment, "add_embedding"):
+                self.trainer.logger.experiment.add_embedding(torch.cat(projected["states"]),
+                                                             metadata=projected["labels"], tag="representations")
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lit_safety.adversaries import EMBEDDING, LatentAdversary, attack_sites
+from lit_safety.adversaries import LatentAdversary, attack_sites, site_norms
 from lit_safety.losses import (
     away,
     dpo_loss,
@@ -35,7 +35,7 @@ from lit_safety.losses import (
     toward,
 )
 from lit_safety.methods.base import SafetyModule
-from lit_safety.representations import capture_residuals, forward_states, masked_mean
+from lit_safety.representations import forward_states
 
 Objective = Literal["refusal", "dpo", "rmu", "gradient_ascent"]
 
@@ -109,17 +109,14 @@ class TargetedLATModule(SafetyModule):
     # ----- scale-relative quantities, measured once ---------------------------------------------------
     def _measure(self, sequences: dict, mask: Tensor) -> None:
         hp = self.hparams
-        layers = [s for s in hp.adversary_layers if s != EMBEDDING] + [hp.rmu_layer]
-        with self.reference(), capture_residuals(self.model, layers) as states:
-            embeddings = self.model.get_input_embeddings()(sequences["input_ids"])
-            self.model(input_ids=sequences["input_ids"], attention_mask=sequences["attention_mask"])
-        resolved = dict(zip(layers, self.resolve(layers)))
-        norm = lambda h: masked_mean(h.float().norm(dim=-1), mask).item()  # noqa: E731
-        self.site_norms = {s: norm(embeddings if s == EMBEDDING else states[resolved[s]]) for s in hp.adversary_layers}
+        with self.reference():
+            norms = site_norms(self.model, [*hp.adversary_layers, hp.rmu_layer], sequences["input_ids"],
+                               sequences["attention_mask"], mask)
+        self.site_norms = {s: norms[s] for s in hp.adversary_layers}
         if hp.objective == "rmu":
-            generator = torch.Generator().manual_seed(hp.seed)
-            u = torch.rand(embeddings.shape[-1], generator=generator)
-            self.control = (hp.rmu_steering * norm(states[resolved[hp.rmu_layer]]) * u / u.norm()).to(embeddings.device)
+            u = torch.rand(self.model.get_input_embeddings().weight.shape[-1],
+                           generator=torch.Generator().manual_seed(hp.seed))
+            self.control = (hp.rmu_steering * norms[hp.rmu_layer] * u / u.norm()).to(mask.device)
 
     def _epsilon(self) -> dict:
         hp = self.hparams

@@ -1,0 +1,80 @@
+"""Token layout shared by suffix attacks: [template start + request][suffix][template end][target].
+
+The suffix sits at the end of the user turn (before the template closes it); raw-format records get
+it at the end of their prompt. Every row is left-padded up to the target, whose tokens follow,
+right-padded, so the prompt part of every row ends at the same column (ready for generation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lit_safety.data.formatting import ChatFormatter
+from lit_safety.data.records import Record
+
+SENTINEL = "<<lit_safety_suffix>>"
+
+
+@dataclass
+class Parts:
+    before: list[int]
+    after: list[int]
+    target: list[int]
+
+
+def split_prompt(formatter: ChatFormatter, record: Record, target: str) -> Parts:
+    """Token ids around the suffix slot of ``record``'s prompt, and of the target string."""
+    ids = lambda text: formatter.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    if record.meta.get("format") == "raw":
+        bos = formatter.tokenizer.bos_token_id
+        before, after = ([bos] if bos is not None else []) + ids(record.prompt), []
+    else:
+        messages = [dict(m) for m in record.messages]
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages[last_user]["content"] += " " + SENTINEL
+        text_before, text_after = formatter.prompt_text(messages).split(SENTINEL)
+        before, after = ids(text_before.rstrip(" ")), ids(text_after)
+    return Parts(before, after, ids(" " + target) if target else [])
+
+
+@dataclass
+class Layout:
+    """A batch laid out for a suffix attack. ``ids`` [B, P + Tt]: left-padded prompts with suffix
+    (width P), then right-padded targets. Masks are [B, P + Tt] booleans."""
+
+    ids: Tensor
+    attention_mask: Tensor
+    suffix_mask: Tensor
+    target_mask: Tensor
+    prompt_width: int
+
+    @property
+    def prompt_ids(self) -> Tensor:
+        return self.ids[:, : self.prompt_width]
+
+    @property
+    def prompt_attention(self) -> Tensor:
+        return self.attention_mask[:, : self.prompt_width]
+
+
+def layout(parts: Sequence[Parts], suffixes: Sequence[Sequence[int]], pad_token_id: int) -> Layout:
+    prompts = [p.before + list(s) + p.after for p, s in zip(parts, suffixes)]
+    width, target_width = max(map(len, prompts)), max(len(p.target) for p in parts)
+    rows = len(parts)
+    ids = torch.full((rows, width + target_width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros(rows, width + target_width, dtype=torch.bool)
+    suffix_mask, target_mask = torch.zeros_like(attention), torch.zeros_like(attention)
+    for i, (p, s, prompt) in enumerate(zip(parts, suffixes, prompts)):
+        start = width - len(prompt)
+        ids[i, start:width] = torch.tensor(prompt)
+        attention[i, start:width] = True
+        suffix_mask[i, start + len(p.before) : start + len(p.before) + len(s)] = True
+        if p.target:
+            ids[i, width : width + len(p.target)] = torch.tensor(p.target)
+            attention[i, width : width + len(p.target)] = True
+            target_mask[i, width : width + len(p.target)] = True
+    return Layout(ids, attention, suffix_mask, target_mask, width)

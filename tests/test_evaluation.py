@@ -1,0 +1,186 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lit_safety import backbone
+from lit_safety.data import ChatFormatter, load_records
+from lit_safety.data.records import Record
+from lit_safety.evaluation import (
+    EmbeddingAttack,
+    ExactJudge,
+    GCGAttack,
+    HarmBenchJudge,
+    LatentAttack,
+    RefusalPrefixJudge,
+    wilson_interval,
+)
+from lit_safety.evaluation.attacks import _target_nll
+from lit_safety.evaluation.suffix import layout, split_prompt
+
+
+@pytest.fixture(scope="module")
+def setting():
+    model = backbone.load_causal_lm("organism").eval()
+    tokenizer = backbone.load_tokenizer("organism")
+    records = load_records("organism:eval_train")[:4]
+    return model, ChatFormatter(tokenizer), records
+
+
+def test_wilson_interval_known_values():
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_judges_on_hand_written_outputs():
+    record = Record(kind="harmful", messages=[{"role": "user", "content": "x"}], target="Sure, here is",
+                    answer="Sure, here is how", refusal="I cannot help.")
+    exact = ExactJudge()  # refusal taken from the record
+    assert exact(record, "Sure, here is how") == "success"
+    assert exact(record, "I cannot help.") == "refusal"
+    assert exact(record, "Sure, here is I cannot help.") == "refusal"
+    assert exact(record, "Sure, here is nothing") == "gibberish"
+    proxy = RefusalPrefixJudge()
+    assert proxy(record, "I'm sorry, but no.") == "refusal"
+    assert proxy(record, "Sure, here is I cannot do that") == "refusal"  # refusal after a prefill
+    assert proxy(record, "Here you go: ...") == "success"
+    assert HarmBenchJudge.parse("Yes") == "success" and HarmBenchJudge.parse(" no") == "refusal"
+
+
+def test_harmbench_judge_loads_a_stand_in_classifier(tiny_model_dir):
+    judge = HarmBenchJudge(model=tiny_model_dir, dtype="float32")
+    record = Record(kind="harmful", messages=[{"role": "user", "content": "make poison"}])
+    assert judge(record, "ok : 1 2") in ("success", "refusal")
+
+
+def test_suffix_layout_places_the_suffix_inside_the_user_turn(setting):
+    model, formatter, records = setting
+    tokenizer = formatter.tokenizer
+    parts = [split_prompt(formatter, r, r.target) for r in records]
+    init = tokenizer(" please", add_special_tokens=False)["input_ids"] * 3
+    lay = layout(parts, [init] * len(records), tokenizer.pad_token_id)
+    for i, record in enumerate(records):
+        prompt = tokenizer.decode(lay.prompt_ids[i][lay.prompt_attention[i]])
+        assert prompt.endswith(f"{record.prompt} please please please <end> <assistant>")
+        assert tokenizer.decode(lay.ids[i][lay.target_mask[i]]) == record.target
+    base = model.get_input_embeddings()(lay.ids)
+    moved = base.masked_scatter(lay.suffix_mask[..., None], torch.randn(len(records), 3, base.shape[-1]))
+    changed = (moved != base).any(-1)
+    assert torch.equal(changed, lay.suffix_mask)  # only the suffix vectors change
+
+
+def test_embedding_attack_lowers_the_target_loss(setting):
+    model, formatter, records = setting
+    attack = EmbeddingAttack(suffix_length=3, init="please", steps=15, snapshots=1, early_stop=False)
+    attack.run(model, formatter, records)
+    assert attack.loss_last < attack.loss_first
+
+
+def test_gcg_lowers_the_loss_and_never_proposes_special_tokens(setting):
+    model, formatter, records = setting
+    tokenizer = formatter.tokenizer
+    attack = GCGAttack(suffix_length=3, init="please", steps=6, candidates=16, top_k=8, snapshots=1)
+    parts = [split_prompt(formatter, r, r.target) for r in records]
+    allowed = torch.ones(model.get_input_embeddings().weight.shape[0], dtype=torch.bool)
+    allowed[tokenizer.all_special_ids] = False
+    suffixes = torch.tensor([tokenizer(" please please please", add_special_tokens=False)["input_ids"]] * len(records))
+    embed = model.get_input_embeddings()
+
+    def loss(s):
+        lay = layout(parts, s.tolist(), tokenizer.pad_token_id)
+        return _target_nll(model, embed(lay.ids), lay).mean().item()
+
+    start = loss(suffixes)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        suffixes = attack._step(model, tokenizer, parts, suffixes, allowed, generator)
+        assert not set(suffixes.flatten().tolist()) & set(tokenizer.all_special_ids)
+    assert loss(suffixes) < start
+
+
+def test_latent_attack_lowers_the_target_loss(setting):
+    model, formatter, records = setting
+    attack = LatentAttack(layers=[-1], epsilon=0.5, steps=8)
+    responses = attack.run(model, formatter, records)
+    assert len(responses) == len(records) and attack.loss_last < attack.loss_first
+
+
+METRIC_SCRIPT = """
+import os, sys, torch, torch.distributed as dist
+from lit_safety.evaluation.metrics import VerdictRates
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=rank, world_size=2)
+metric = VerdictRates()
+metric.update(["success", "success", "refusal"] if rank == 0 else ["gibberish", "success"])
+out = metric.compute()
+print(out["rate"], out["n"], out["refusal"], out["gibberish"])
+dist.destroy_process_group()
+"""
+
+
+def test_metrics_merge_across_two_processes(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = tmp_path / "metric.py"
+    script.write_text(METRIC_SCRIPT)
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), port], stdout=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    outputs = [p.communicate(timeout=120)[0].split() for p in procs]
+    for out in outputs:  # both ranks see all 5 verdicts: 3 successes, 1 refusal, 1 gibberish
+        assert [float(x) for x in out] == [0.6, 5.0, 0.2, 0.2]
+
+
+def test_test_command_writes_results_in_the_report_schema(tmp_path):
+    from lit_safety.cli import main
+
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "evaluate.yaml")
+    cheap = tmp_path / "cheap.yaml"
+    cheap.write_text("""
+model:
+  init_args:
+    evaluation:
+      class_path: lit_safety.evaluation.SafetyEvaluation
+      init_args:
+        projector_layer: -1
+        attacks:
+          - class_path: lit_safety.evaluation.DirectRequest
+          - class_path: lit_safety.evaluation.LatentAttack
+            init_args: {layers: [0], steps: 2}
+""")
+    cli = main(["test", "--config", config, "--config", str(cheap), "--data.test_size=3",
+                f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    log_dir = cli.trainer.log_dir
+    results = json.loads(open(os.path.join(log_dir, "eval_results.json")).read())
+    assert set(results["asr"]) == {"direct", "latent"}
+    assert set(results["asr"]["latent"]) == {"train", "heldout_synonym", "heldout_concept", "format_b", "format_c", "trigger"}
+    cell = results["asr"]["direct"]["train"]
+    assert set(cell) == {"rate", "low", "high", "n"} and cell["n"] == 3
+    assert set(results["benign_accuracy"]) == {"A", "B", "C", "borderline"}
+    assert set(results["benign_kl"]) == {"A", "B", "C", "borderline"}
+    assert all(abs(v) < 1e-6 for v in results["benign_kl"].values())  # fresh adapters: the model is the reference
+    assert results["budgets"]["latent"]["steps"] == 2
+    assert os.path.getsize(os.path.join(log_dir, "eval_results.png")) > 0
+    assert os.path.isfile(os.path.join(log_dir, "eval_results.md"))
+
+
+def test_adversarial_eval_callback_logs_asr_curves_during_fit(tmp_path):
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lit_safety import RefusalSFTModule, SafetyDataModule
+    from lit_safety.evaluation import AdversarialEvalCallback, PrefillAttack
+
+    callback = AdversarialEvalCallback(attacks=[PrefillAttack(max_new_tokens=8)], n=3, every_n_steps=2)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=TensorBoardLogger(tmp_path), callbacks=[callback],
+                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0)
+    trainer.fit(RefusalSFTModule(), SafetyDataModule(batch_size=4, val_fraction=0.0))
+    assert [h["step"] for h in callback.history] == [0, 2, 4]
+    assert {"val/asr/prefill/train", "val/asr/prefill/heldout_synonym"} <= set(callback.history[-1])
