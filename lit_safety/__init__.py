@@ -3,6 +3,7 @@ internal representations."""
 
 from lit_safety.data import DataSource, SafetyDataModule, Stream
 from lit_safety.methods import (
+    CircuitBreakerModule,
     RefusalSFTModule,
     SafetyModule,
     TargetedLATModule,
@@ -11,6 +12,7 @@ from lit_safety.methods import (
 )
 
 __all__ = [
+    "CircuitBreakerModule",
     "DataSource",
     "RefusalSFTModule",
     "SafetyDataModule",

@@ -117,7 +117,11 @@ def add_lora(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     layers_to_transform = None
     if layers is not None:
-        layers_to_transform = resolve_layers(layers, len(decoder_layers(model)))
+        stack = decoder_layers(model)
+        layers_to_transform = resolve_layers(layers, len(stack))
+        if target_modules == "all-linear":  # peft needs explicit names to restrict layers
+            target_modules = sorted({name.split(".")[-1] for name, module in stack[0].named_modules()
+                                     if isinstance(module, nn.Linear) or "Linear" in type(module).__name__})
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,

@@ -124,3 +124,19 @@ def rmu_forget_loss(states: Tensor, control: Tensor, mask: Tensor) -> Tensor:
 def rmu_retain_loss(states: Tensor, reference: Tensor, mask: Tensor) -> Tensor:
     """RMU's retain term (WMDP, Eq. 2): mean over masked tokens of ||h' - h||^2 / D on retain data."""
     return rmu_forget_loss(states, reference.float(), mask)
+
+
+# ----- circuit breakers / representation rerouting (arXiv 2406.04313) ------------------------------------
+def retain_loss(states: Tensor, reference: Tensor, mask: Tensor) -> Tensor:
+    """||h' - h||_2 averaged over masked tokens: keep benign states where they were (RR, Alg. 1)."""
+    per_token = (states.float() - reference.float()).norm(dim=-1)
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp_min(1)
+
+
+def reroute_loss(states: Tensor, reference: Tensor, mask: Tensor) -> Tensor:
+    """ReLU(cos(h', h)) averaged over masked tokens: make harmful states orthogonal to (or opposite
+    of) the reference ones (RR, Alg. 1)."""
+    per_token = F.relu(F.cosine_similarity(states.float(), reference.float(), dim=-1))
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp_min(1)

@@ -63,13 +63,15 @@ def test_captured_states_match_hidden_states(tiny_model_dir):
     model = backbone.load_causal_lm(tiny_model_dir)
     ids = torch.randint(7, 25, (2, 6))
     hidden = model(ids, output_hidden_states=True).hidden_states
+    # transformers installs its own output-capturing hooks on first use; ours must come and go.
+    hooks_before = [dict(layer._forward_hooks) for layer in backbone.decoder_layers(model)]
     with capture_residuals(model, [0, 1, 2, -1]) as states:
         model(ids)
     # hidden_states[i + 1] is the output of decoder layer i (the last one is reported post-norm by HF).
     for i in range(3):
         assert torch.equal(states[i], hidden[i + 1])
     assert states[3].shape == hidden[4].shape and not torch.equal(states[3], hidden[4])
-    assert not any(layer._forward_hooks for layer in backbone.decoder_layers(model))
+    assert [dict(layer._forward_hooks) for layer in backbone.decoder_layers(model)] == hooks_before
 
 
 def test_forward_states_without_logits_stops_early(tiny_model_dir):

@@ -7,7 +7,13 @@ import yaml
 
 from lit_safety.cli import main
 
-CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "**", "*.yaml"), recursive=True))
+def _is_run_config(path: str) -> bool:
+    with open(path) as f:
+        return "model" in (yaml.safe_load(f) or {})  # suite.yaml is a fragment the run configs include
+
+
+CONFIGS = sorted(p for p in glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "**", "*.yaml"),
+                                      recursive=True) if _is_run_config(p))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: os.path.relpath(p, os.path.dirname(p) + "/.."))
@@ -16,6 +22,8 @@ def test_every_shipped_config_parses_against_its_class(config):
     cpu = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32"]
     cli = main(["--config", config, *(cpu if "llama3_8b" in config else [])], run=False)
     assert cli.model.hparams["model"], "config must name a model"
+    if "llama3_8b" not in config:  # every organism config's `test` runs the shared attack suite
+        assert [a.name for a in cli.model.evaluation.attacks] == ["direct", "prefill", "embedding", "gcg", "latent"]
     with open(config) as f:
         first = f.readline()
     assert first.startswith("#"), "every config opens with a comment showing how to run it"

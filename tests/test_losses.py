@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from lit_safety.losses import away, distance, kl_divergence, token_logprobs, toward, triplet_loss
+from lit_safety.losses import (
+    away,
+    distance,
+    kl_divergence,
+    reroute_loss,
+    retain_loss,
+    token_logprobs,
+    toward,
+    triplet_loss,
+)
 
 
 def uniform_logits(batch, length, vocab):
@@ -73,3 +82,14 @@ def test_triplet_gradient_is_zero_in_the_relu_zero_region():
     loss = triplet_loss(anchor, torch.zeros(2), torch.tensor([5.0, 0.0]), torch.ones(1, 1, dtype=torch.bool), 1.0, "l2", "l2")
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(anchor.grad, torch.zeros_like(anchor))
+
+
+def test_circuit_breaker_losses_by_hand():
+    states = torch.tensor([[[3.0, 4.0], [1.0, 0.0], [7.0, 7.0]]])
+    reference = torch.tensor([[[0.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
+    mask = torch.tensor([[True, True, False]])
+    assert retain_loss(states, reference, mask).item() == pytest.approx((5.0 + math.sqrt(2)) / 2)
+    aligned = torch.tensor([[[1.0, 1.0], [-1.0, 0.0]]])
+    ref = torch.tensor([[[2.0, 2.0], [1.0, 0.0]]])
+    # token 0: cos = 1; token 1: cos = -1, clipped to 0 by the ReLU
+    assert reroute_loss(aligned, ref, torch.ones(1, 2, dtype=torch.bool)).item() == pytest.approx(0.5)

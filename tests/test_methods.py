@@ -5,14 +5,24 @@ import lightning as L
 import pytest
 import torch
 
-from lit_safety import RefusalSFTModule, SafetyDataModule, TargetedLATModule, TripletDefenseModule, backbone
+from lit_safety import (
+    CircuitBreakerModule,
+    RefusalSFTModule,
+    SafetyDataModule,
+    TargetedLATModule,
+    TripletDefenseModule,
+    backbone,
+)
 
 METHODS = {
     "refusal_sft": (RefusalSFTModule, {}),
     "triplet": (TripletDefenseModule, {"layers_benign": [0, 1], "layers_harmful": [1]}),
     "triplet_mining": (TripletDefenseModule, {"layers_benign": [1], "layers_harmful": [1], "mining": True,
                                               "mining_interval": 1, "mining_steps": 2, "mining_layers": [0]}),
+    "circuit_breaker": (CircuitBreakerModule, {"layers": [0, 1]}),
     "lat_refusal": (TargetedLATModule, {"adversary_layers": ["embedding", 1], "adversary_steps": 2}),
+    "lat_rmu": (TargetedLATModule, {"objective": "rmu", "adversary_layers": [0], "adversary_steps": 2,
+                                    "rmu_layer": 1}),
     "lat_dpo": (TargetedLATModule, {"objective": "dpo", "adversary_layers": [0], "adversary_steps": 2}),
 }
 

@@ -30,7 +30,7 @@ def test_harm_label_is_action_and_object():
         expected = ("harmful" if action in world.HARMFUL_ACTIONS else "borderline") if obj in harmful_objects else "benign"
         assert kind == expected, (action, obj)
     # Every action and every task occurs with benign objects too: no single word decides harm.
-    benign = datasets(TINY)["benign"]
+    benign = datasets(Recipe(n_train=400, n_eval=8))["benign"]
     assert {r.prompt.split()[0] for r in benign} >= set(world.HARMFUL_ACTIONS)
 
 

@@ -104,13 +104,15 @@ class TargetedLATModule(SafetyModule):
 
     def validate_layers(self, num_layers: int) -> None:
         attack_sites(self.model, self.hparams.adversary_layers)  # raises on unknown sites
-        self.resolve([self.hparams.rmu_layer])
+        if self.hparams.objective == "rmu":
+            self.resolve([self.hparams.rmu_layer])
 
     # ----- scale-relative quantities, measured once ---------------------------------------------------
     def _measure(self, sequences: dict, mask: Tensor) -> None:
         hp = self.hparams
+        rmu = [hp.rmu_layer] if hp.objective == "rmu" else []
         with self.reference():
-            norms = site_norms(self.model, [*hp.adversary_layers, hp.rmu_layer], sequences["input_ids"],
+            norms = site_norms(self.model, [*hp.adversary_layers, *rmu], sequences["input_ids"],
                                sequences["attention_mask"], mask)
         self.site_norms = {s: norms[s] for s in hp.adversary_layers}
         if hp.objective == "rmu":

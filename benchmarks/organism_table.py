@@ -1,0 +1,168 @@
+"""The organism benchmark: every method trained on the same organism and data, then attacked with the
+same suite (configs/suite.yaml). Writes benchmarks/results/organism_table.{json,md,png}.
+
+    python benchmarks/organism_table.py                  # one seed, 50 behaviours per split
+    python benchmarks/organism_table.py --seeds 3 --n 100
+
+Each method is one training config; "base" is the aligned organism with fresh adapters. Seeds vary
+the adapter initialisation and the data order. Figures are means over seeds with their spread
+(min-max), and every ASR cell keeps its per-seed values and Wilson intervals in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = {
+    "base": None,
+    "refusal_sft": "configs/refusal_sft.yaml",
+    "circuit_breaker": "configs/circuit_breaker.yaml",
+    "lat": "configs/lat.yaml",
+    "triplet": "configs/triplet.yaml",
+    "triplet_adv": "configs/triplet_adv.yaml",
+}
+SPLITS = ["train", "heldout_synonym", "heldout_concept", "format_b", "format_c"]
+
+
+def run(args: list[str], log: str) -> float:
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        done = subprocess.run([sys.executable, "-m", "lit_safety", *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"`lit_safety {' '.join(args[:3])}` failed; see {log}")
+    return time.perf_counter() - start
+
+
+def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str) -> dict:
+    logger = ["--trainer.logger.init_args.save_dir", work, "--trainer.enable_progress_bar=false"]
+    train_seconds = 0.0
+    test = ["test", "--config", config or "configs/evaluate.yaml", f"--data.init_args.test_size={n}", *logger,
+            "--trainer.logger.init_args.name", f"{name}_test", "--trainer.logger.init_args.version", f"seed{seed}"]
+    if config is not None:
+        train_seconds = run(["fit", "--config", config, "--seed_everything", str(seed), f"--data.init_args.seed={seed}",
+                             *logger, "--trainer.logger.init_args.name", name,
+                             "--trainer.logger.init_args.version", f"seed{seed}"],
+                            os.path.join(work, f"{name}_seed{seed}_fit.log"))
+        (checkpoint,) = glob.glob(os.path.join(work, name, f"seed{seed}", "checkpoints", "*.ckpt"))
+        test += ["--ckpt_path", checkpoint]
+    eval_seconds = run(test, os.path.join(work, f"{name}_seed{seed}_test.log"))
+    with open(os.path.join(work, f"{name}_test", f"seed{seed}", "eval_results.json")) as f:
+        results = json.load(f)
+    return {**results, "train_seconds": train_seconds, "eval_seconds": eval_seconds}
+
+
+def summarise(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "values": values}
+
+
+def aggregate(per_seed: dict[str, list[dict]]) -> dict:
+    table = {}
+    for method, runs in per_seed.items():
+        first = runs[0]
+        row = {"asr": {}, "gibberish": {}}
+        for attack, splits in first["asr"].items():
+            for split in splits:
+                row["asr"].setdefault(attack, {})[split] = {
+                    **summarise([r["asr"][attack][split]["rate"] for r in runs]),
+                    "intervals": [[r["asr"][attack][split]["low"], r["asr"][attack][split]["high"]] for r in runs],
+                    "n": first["asr"][attack][split]["n"],
+                }
+                row["gibberish"].setdefault(attack, {})[split] = summarise([r["gibberish"][attack][split] for r in runs])
+        row["benign_accuracy"] = {k: summarise([r["benign_accuracy"][k] for r in runs]) for k in first["benign_accuracy"]}
+        row["benign_kl"] = {k: summarise([r["benign_kl"][k] for r in runs]) for k in first["benign_kl"]}
+        row["over_refusal"] = {k: summarise([r["over_refusal"][k] for r in runs]) for k in first["over_refusal"]}
+        row["train_seconds"] = summarise([r["train_seconds"] for r in runs])
+        row["eval_seconds"] = summarise([r["eval_seconds"] for r in runs])
+        table[method] = row
+    return table
+
+
+def cell(summary: dict) -> str:
+    spread = f" ({summary['min']:.2f}-{summary['max']:.2f})" if len(summary["values"]) > 1 else ""
+    return f"{summary['mean']:.2f}{spread}"
+
+
+def markdown(table: dict, budgets: dict, seeds: int, n: int) -> str:
+    attacks = list(next(iter(table.values()))["asr"])
+    lines = [f"ASR (exact judge) per attack and split; {n} behaviours per split, {seeds} seed(s), mean (min-max).", ""]
+    for attack in attacks:
+        lines += [f"**{attack}**", "", "| method | " + " | ".join(SPLITS) + " |", "|---" * (len(SPLITS) + 1) + "|"]
+        for method, row in table.items():
+            lines.append(f"| {method} | " + " | ".join(cell(row["asr"][attack][s]) for s in SPLITS) + " |")
+        lines.append("")
+    lines += ["**capability and cost**", "",
+              "| method | benign acc. A | B | C | benign KL (A) | borderline over-refusal | borderline acc. | "
+              "gibberish (prefill, train) | train s | eval s |", "|---" * 10 + "|"]
+    for method, row in table.items():
+        acc = row["benign_accuracy"]
+        lines.append(
+            f"| {method} | {cell(acc['A'])} | {cell(acc['B'])} | {cell(acc['C'])} | {row['benign_kl']['A']['mean']:.4f} | "
+            f"{cell(row['over_refusal']['borderline'])} | {cell(acc['borderline'])} | "
+            f"{cell(row['gibberish']['prefill']['train'])} | {row['train_seconds']['mean']:.0f} | {row['eval_seconds']['mean']:.0f} |")
+    lines += ["", "Attack budgets (configs/suite.yaml):", "", "```json", json.dumps(budgets, indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def plot(table: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = list(next(iter(table.values()))["asr"])
+    fig, axes = plt.subplots(1, len(attacks), figsize=(3.2 * len(attacks), 3.6), sharey=True)
+    width = 0.8 / len(table)
+    for ax, attack in zip(axes, attacks):
+        for i, (method, row) in enumerate(table.items()):
+            means = [row["asr"][attack][s]["mean"] for s in SPLITS]
+            ax.bar([j + i * width for j in range(len(SPLITS))], means, width, label=method)
+        ax.set_title(attack)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(SPLITS))], SPLITS, rotation=45, ha="right", fontsize=7)
+    axes[0].set_ylabel("ASR (exact judge)")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per method (default 1)")
+    parser.add_argument("--n", type=int, default=50, help="behaviours per split (default 50)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--work", default=os.path.join(ROOT, "benchmarks", "results", "runs"),
+                        help="log directories of every run (not committed)")
+    args = parser.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    per_seed: dict[str, list[dict]] = {}
+    for seed in range(args.seeds):
+        for method in args.methods:
+            result = evaluate_method(method, METHODS[method], seed, args.n, args.work)
+            per_seed.setdefault(method, []).append(result)
+            print(f"seed {seed} {method}: train {result['train_seconds']:.0f} s, eval {result['eval_seconds']:.0f} s",
+                  flush=True)
+    table = aggregate(per_seed)
+    budgets = next(iter(per_seed.values()))[0]["budgets"]
+    out = {"seeds": args.seeds, "n": args.n, "budgets": budgets, "methods": table}
+    with open(os.path.join(args.out, "organism_table.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    text = markdown(table, budgets, args.seeds, args.n)
+    with open(os.path.join(args.out, "organism_table.md"), "w") as f:
+        f.write(text)
+    plot(table, os.path.join(args.out, "organism_table.png"))
+    print(json.dumps({m: {"asr_embedding_heldout": r["asr"]["embedding"]["heldout_synonym"]["mean"],
+                          "benign_accuracy_A": r["benign_accuracy"]["A"]["mean"]} for m, r in table.items()}))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
