@@ -150,6 +150,7 @@ model:
       class_path: lit_safety.evaluation.SafetyEvaluation
       init_args:
         projector_layer: -1
+        attack_splits: {latent: [train, format_b]}
         attacks:
           - class_path: lit_safety.evaluation.DirectRequest
           - class_path: lit_safety.evaluation.LatentAttack
@@ -160,7 +161,9 @@ model:
     log_dir = cli.trainer.log_dir
     results = json.loads(open(os.path.join(log_dir, "eval_results.json")).read())
     assert set(results["asr"]) == {"direct", "latent"}
-    assert set(results["asr"]["latent"]) == {"train", "heldout_synonym", "heldout_concept", "format_b", "format_c", "trigger"}
+    assert set(results["asr"]["direct"]) == {"train", "heldout_synonym", "heldout_concept", "format_b", "format_c",
+                                             "trigger"}
+    assert set(results["asr"]["latent"]) == {"train", "format_b"}  # restricted by attack_splits
     cell = results["asr"]["direct"]["train"]
     assert set(cell) == {"rate", "low", "high", "n"} and cell["n"] == 3
     assert set(results["benign_accuracy"]) == {"A", "B", "C", "borderline"}

@@ -34,6 +34,8 @@ class SafetyEvaluation(nn.Module):
         judge: "exact" (records' answers and refusals: the organism), "refusal_prefix" (a proxy,
             named as such in every result) or "harmbench" (the HarmBench classifier).
         harmbench_model: classifier id or directory for the "harmbench" judge.
+        attack_splits: attack name -> the only splits it runs on (e.g. keep an expensive attack to
+            a few splits); attacks not named run on every harmful split.
         projector_layer: decoder layer whose mean-pooled prompt states go to TensorBoard's
             embedding projector (None disables it).
         max_prompt_length: prompt tokens kept.
@@ -44,12 +46,14 @@ class SafetyEvaluation(nn.Module):
         attacks: list[Attack] | None = None,
         judge: str = "exact",
         harmbench_model: str = "cais/HarmBench-Llama-2-13b-cls",
+        attack_splits: dict[str, list[str]] | None = None,
         projector_layer: int | None = -1,
         max_prompt_length: int = 512,
     ):
         super().__init__()
         self.attacks = list(attacks) if attacks is not None else [DirectRequest(), PrefillAttack()]
         self.judge_name, self.harmbench_model = judge, harmbench_model
+        self.attack_splits = attack_splits or {}
         self.projector_layer = projector_layer
         self.max_prompt_length = max_prompt_length
         self.metrics = nn.ModuleDict()  # "attack|split" -> VerdictRates, "kl|split" -> MeanMetric
@@ -80,7 +84,7 @@ class SafetyEvaluation(nn.Module):
         with torch.inference_mode(False):  # states updated outside the test loop's inference mode
             self.metrics = nn.ModuleDict()
             for split, harmful in splits.items():
-                for name in [a.name for a in self.attacks] if harmful else ["direct"]:
+                for name in [a.name for a in self._attacks_for(split)] if harmful else ["direct"]:
                     self.metrics[f"{name}|{split}"] = VerdictRates().to(device)
                 if not harmful:
                     self.metrics[f"kl|{split}"] = MeanMetric().to(device)
@@ -91,7 +95,7 @@ class SafetyEvaluation(nn.Module):
         formatter = ChatFormatter(tokenizer, max_prompt_length=self.max_prompt_length)
         harmful = [r for r in records if r.kind == "harmful"]
         other = [r for r in records if r.kind != "harmful"]
-        for attack in self.attacks if harmful else []:
+        for attack in self._attacks_for(split) if harmful else []:
             responses = attack.run(model, formatter, harmful, self.judge)
             self.metrics[f"{attack.name}|{split}"].update(
                 self.judge(r, response) for r, response in zip(harmful, responses))
@@ -103,6 +107,9 @@ class SafetyEvaluation(nn.Module):
                 self.metrics[f"kl|{split}"].update(self._kl(model, formatter, other, reference), len(other))
         if self.projector_layer is not None:
             self._project(model, formatter, records)
+
+    def _attacks_for(self, split: str) -> list[Attack]:
+        return [a for a in self.attacks if split in self.attack_splits.get(a.name, [split])]
 
     @torch.no_grad()
     def _kl(self, model, formatter: ChatFormatter, records: Sequence[Record], reference) -> torch.Tensor:
