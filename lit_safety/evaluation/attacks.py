@@ -8,6 +8,7 @@ snapshot succeeded under ``judge`` (a behaviour is broken if any snapshot breaks
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -51,6 +52,25 @@ def _progress(total: int, name: str):
     import os
 
     return tqdm(total=total, desc=f"attack: {name}", leave=False, disable=os.environ.get("LIT_SAFETY_QUIET") == "1")
+
+
+@contextlib.contextmanager
+def _attacking(model, total: int, name: str):
+    """Eval mode (no dropout) and a progress bar for the attack; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    bar = _progress(total, name)
+    try:
+        yield bar
+    finally:
+        bar.close()
+        model.train(was_training)
+
+
+def _suffix_init(tokenizer, init: str, length: int) -> list[int]:
+    """Token ids of ``init``, repeated or cut to ``length`` (an unknown token if it has none)."""
+    ids = tokenizer(" " + init, add_special_tokens=False)["input_ids"] or [tokenizer.unk_token_id]
+    return (ids * length)[:length]
 
 
 class Attack:
@@ -161,24 +181,18 @@ class EmbeddingAttack(Attack):
     batch_size: int = 50
     name = "embedding"
 
-    def _init_ids(self, formatter: ChatFormatter) -> list[int]:
-        ids = formatter.tokenizer(" " + self.init, add_special_tokens=False)["input_ids"] or [formatter.tokenizer.unk_token_id]
-        return (ids * self.suffix_length)[: self.suffix_length]
-
     def run(self, model, formatter: ChatFormatter, records: Sequence[Record], judge=None) -> list[str]:
         embed = model.get_input_embeddings()
         scale = embed.weight.detach().norm(dim=-1).mean().item()
         step = self.step_size * scale / embed.weight.shape[-1] ** 0.5
         book = _SnapshotBook(records, judge)
         checkpoints = _snapshot_steps(self.steps, self.snapshots)
-        was_training = model.training
-        model.eval()
-        bar = _progress(len(records), self.name)
-        try:
+        init = _suffix_init(formatter.tokenizer, self.init, self.suffix_length)
+        with _attacking(model, len(records), self.name) as bar:
             for start, chunk in _chunks(records, self.batch_size):
                 rows = list(range(start, start + len(chunk)))
                 parts = [split_prompt(formatter, r, getattr(r, self.target_field) or "") for r in chunk]
-                lay = layout(parts, [self._init_ids(formatter)] * len(chunk), formatter.tokenizer.pad_token_id)
+                lay = layout(parts, [init] * len(chunk), formatter.tokenizer.pad_token_id)
                 base = embed(lay.ids).detach()
                 initial = base[lay.suffix_mask].view(len(chunk), self.suffix_length, -1)
                 suffix = initial.clone().requires_grad_(True)
@@ -211,9 +225,6 @@ class EmbeddingAttack(Attack):
                     if k in checkpoints:
                         self._snapshot(model, formatter, base, lay, suffix, rows, book)
                 bar.update(len(chunk))
-        finally:
-            bar.close()
-            model.train(was_training)
         return book.responses
 
     @torch.no_grad()
@@ -269,11 +280,8 @@ class GCGAttack(Attack):
         generator = torch.Generator().manual_seed(self.seed)
         book = _SnapshotBook(records, judge)
         checkpoints = _snapshot_steps(self.steps, self.snapshots)
-        init = (tokenizer(" " + self.init, add_special_tokens=False)["input_ids"] * self.suffix_length)[: self.suffix_length]
-        was_training = model.training
-        model.eval()
-        bar = _progress(len(records), self.name)
-        try:
+        init = _suffix_init(tokenizer, self.init, self.suffix_length)
+        with _attacking(model, len(records), self.name) as bar:
             for start, chunk in _chunks(records, self.batch_size):
                 rows = list(range(start, start + len(chunk)))
                 parts = [split_prompt(formatter, r, getattr(r, self.target_field) or "") for r in chunk]
@@ -290,9 +298,6 @@ class GCGAttack(Attack):
                                                         self.max_new_tokens, tokenizer.eos_token_id)
                         book.add([rows[i] for i in active], _decode(formatter, tokens))
                 bar.update(len(chunk))
-        finally:
-            bar.close()
-            model.train(was_training)
         return book.responses
 
     def _step(self, model, tokenizer, parts: list[Parts], suffixes: Tensor, allowed: Tensor, generator) -> Tensor:
@@ -352,9 +357,7 @@ class LatentAttack(Attack):
     def run(self, model, formatter: ChatFormatter, records: Sequence[Record], judge=None) -> list[str]:
         embed = model.get_input_embeddings()
         responses: list[str] = []
-        was_training = model.training
-        model.eval()
-        try:
+        with _attacking(model, len(records), self.name) as bar:
             for _, chunk in _chunks(records, self.batch_size):
                 parts = [split_prompt(formatter, r, getattr(r, self.target_field) or "") for r in chunk]
                 lay = layout(parts, [[]] * len(chunk), formatter.tokenizer.pad_token_id)
@@ -373,6 +376,5 @@ class LatentAttack(Attack):
                                                     self.max_new_tokens, formatter.tokenizer.eos_token_id,
                                                     prompt_context=adversary.attached())
                 responses += _decode(formatter, tokens)
-        finally:
-            model.train(was_training)
+                bar.update(len(chunk))
         return responses

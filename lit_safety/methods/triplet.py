@@ -151,6 +151,17 @@ class TripletDefenseModule(SafetyModule):
             return 1.0
         return masked_mean(reference.float().norm(dim=-1), mask).detach()
 
+    def _term(self, anchor: Tensor, positive: Tensor, negative: Tensor, reference: Tensor, mask: Tensor,
+              margin: float, positive_distance: str, negative_distance: str) -> tuple[Tensor, Tensor, Tensor]:
+        """One layer's triplet term, and its mean positive and negative distances (for logging)."""
+        scale = self._scale(reference, mask)
+        w = self.hparams.mix_weight * scale
+        loss = triplet_loss(anchor, positive, negative, mask, margin * scale, positive_distance, negative_distance, w)
+        with torch.no_grad():
+            d_p = masked_mean(distance(anchor, positive, positive_distance, w), mask)
+            d_n = masked_mean(distance(anchor, negative, negative_distance, w), mask)
+        return loss, d_p, d_n
+
     def compute_losses(self, batch: dict) -> dict[str, Tensor]:
         hp = self.hparams
         benign, harmful = batch["benign"]["completion"], batch["harmful"]["completion"]
@@ -172,22 +183,16 @@ class TripletDefenseModule(SafetyModule):
 
         terms: dict[str, list[Tensor]] = {k: [] for k in
                                           ("b_pos", "b_neg", "h_pos", "h_neg", "loss_benign", "loss_harmful")}
-        for layer in layers_b:
-            s = self._scale(ref_b[layer], mask_b)
-            w = hp.mix_weight * s
-            terms["loss_benign"].append(triplet_loss(new_b[layer], ref_b[layer], mu_h[layer], mask_b, hp.margin_benign * s,
-                                                     hp.distance_benign_positive, hp.distance_benign_negative, w))
-            with torch.no_grad():
-                terms["b_pos"].append(masked_mean(distance(new_b[layer], ref_b[layer], hp.distance_benign_positive, w), mask_b))
-                terms["b_neg"].append(masked_mean(distance(new_b[layer], mu_h[layer], hp.distance_benign_negative, w), mask_b))
-        for layer in layers_h:
-            s = self._scale(ref_h[layer], mask_h)
-            w = hp.mix_weight * s
-            terms["loss_harmful"].append(triplet_loss(new_h[layer], mu_h[layer], ref_h[layer], mask_h, hp.margin_harmful * s,
-                                                      hp.distance_harmful_positive, hp.distance_harmful_negative, w))
-            with torch.no_grad():
-                terms["h_pos"].append(masked_mean(distance(new_h[layer], mu_h[layer], hp.distance_harmful_positive, w), mask_h))
-                terms["h_neg"].append(masked_mean(distance(new_h[layer], ref_h[layer], hp.distance_harmful_negative, w), mask_h))
+        for layer in layers_b:  # benign: positive = reference state, negative = harmful mean
+            for key, value in zip(("loss_benign", "b_pos", "b_neg"), self._term(
+                    new_b[layer], ref_b[layer], mu_h[layer], ref_b[layer], mask_b, hp.margin_benign,
+                    hp.distance_benign_positive, hp.distance_benign_negative)):
+                terms[key].append(value)
+        for layer in layers_h:  # harmful: positive = harmful mean, negative = reference state
+            for key, value in zip(("loss_harmful", "h_pos", "h_neg"), self._term(
+                    new_h[layer], mu_h[layer], ref_h[layer], ref_h[layer], mask_h, hp.margin_harmful,
+                    hp.distance_harmful_positive, hp.distance_harmful_negative)):
+                terms[key].append(value)
 
         out = {name: torch.stack(values).mean() for name, values in terms.items()}
         out["loss_kl"] = (kl_divergence(ref_logits, logits, benign["attention_mask"], hp.temperature)
