@@ -4,6 +4,9 @@ Breakers", arXiv 2406.04313), the baseline the representation defenses are compa
 loss = c_retain(t) * ||h'_b - h_b||_2 + c_cb(t) * ReLU(cos(h'_h, h_h)), with the schedule
 c_retain = alpha * t / (2T) and c_cb = alpha * (1 - t / (2T)) over optimizer steps t of T
 (the released code counts micro-batches, which skews the schedule under gradient accumulation).
+
+Fresh adapters make h' = h exactly, where ReLU(cos(h', h)) has zero gradient: training needs
+``lora_dropout`` > 0 (0.05, as released) so that the first steps see h' != h.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ class CircuitBreakerModule(SafetyModule):
 
     def validate_layers(self, num_layers: int) -> None:
         self.resolve(self.hparams.layers)
+        if self.hparams.lora_dropout == 0:
+            raise ValueError("CircuitBreakerModule needs lora_dropout > 0 (e.g. 0.05): with fresh adapters h' = h, "
+                             "where the rerouting term ReLU(cos(h', h)) has zero gradient and training never starts")
 
     def coefficients(self) -> tuple[float, float]:
         """(c_retain, c_cb) at the current optimizer step."""
