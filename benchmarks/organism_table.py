@@ -41,7 +41,11 @@ def run(args: list[str], log: str) -> float:
     return time.perf_counter() - start
 
 
-def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str) -> dict:
+def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str, reuse: bool = False) -> dict:
+    saved = os.path.join(work, f"{name}_seed{seed}_result.json")
+    if reuse and os.path.isfile(saved):
+        with open(saved) as f:
+            return json.load(f)
     logger = ["--trainer.logger.init_args.save_dir", work, "--trainer.enable_progress_bar=false"]
     train_seconds = 0.0
     test = ["test", "--config", config or "configs/evaluate.yaml", f"--data.init_args.test_size={n}", *logger,
@@ -55,8 +59,10 @@ def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str)
         test += ["--ckpt_path", checkpoint]
     eval_seconds = run(test, os.path.join(work, f"{name}_seed{seed}_test.log"))
     with open(os.path.join(work, f"{name}_test", f"seed{seed}", "eval_results.json")) as f:
-        results = json.load(f)
-    return {**results, "train_seconds": train_seconds, "eval_seconds": eval_seconds}
+        results = {**json.load(f), "train_seconds": train_seconds, "eval_seconds": eval_seconds, "n": n}
+    with open(saved, "w") as f:
+        json.dump(results, f)
+    return results
 
 
 def summarise(values: list[float]) -> dict:
@@ -85,7 +91,9 @@ def aggregate(per_seed: dict[str, list[dict]]) -> dict:
     return table
 
 
-def cell(summary: dict) -> str:
+def cell(summary: dict | None) -> str:
+    if summary is None:
+        return "—"  # the attack did not run on this split (configs/suite.yaml, attack_splits)
     spread = f" ({summary['min']:.2f}-{summary['max']:.2f})" if len(summary["values"]) > 1 else ""
     return f"{summary['mean']:.2f}{spread}"
 
@@ -96,7 +104,7 @@ def markdown(table: dict, budgets: dict, seeds: int, n: int) -> str:
     for attack in attacks:
         lines += [f"**{attack}**", "", "| method | " + " | ".join(SPLITS) + " |", "|---" * (len(SPLITS) + 1) + "|"]
         for method, row in table.items():
-            lines.append(f"| {method} | " + " | ".join(cell(row["asr"][attack][s]) for s in SPLITS) + " |")
+            lines.append(f"| {method} | " + " | ".join(cell(row["asr"][attack].get(s)) for s in SPLITS) + " |")
         lines.append("")
     lines += ["**capability and cost**", "",
               "| method | benign acc. A | B | C | benign KL (A) | borderline over-refusal | borderline acc. | "
@@ -122,7 +130,7 @@ def plot(table: dict, path: str) -> None:
     width = 0.8 / len(table)
     for ax, attack in zip(axes, attacks):
         for i, (method, row) in enumerate(table.items()):
-            means = [row["asr"][attack][s]["mean"] for s in SPLITS]
+            means = [row["asr"][attack][s]["mean"] if s in row["asr"][attack] else 0.0 for s in SPLITS]
             ax.bar([j + i * width for j in range(len(SPLITS))], means, width, label=method)
         ax.set_title(attack)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(SPLITS))], SPLITS, rotation=45, ha="right", fontsize=7)
@@ -141,12 +149,16 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--work", default=os.path.join(ROOT, "benchmarks", "results", "runs"),
                         help="log directories of every run (not committed)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse finished (method, seed) results found in --work instead of re-running them")
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
     per_seed: dict[str, list[dict]] = {}
     for seed in range(args.seeds):
         for method in args.methods:
-            result = evaluate_method(method, METHODS[method], seed, args.n, args.work)
+            result = evaluate_method(method, METHODS[method], seed, args.n, args.work, args.reuse)
+            if result["n"] != args.n:
+                raise SystemExit(f"{method} seed {seed} in {args.work} was measured with n={result['n']}, not {args.n}")
             per_seed.setdefault(method, []).append(result)
             print(f"seed {seed} {method}: train {result['train_seconds']:.0f} s, eval {result['eval_seconds']:.0f} s",
                   flush=True)

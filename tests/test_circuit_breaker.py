@@ -5,7 +5,7 @@ from lit_safety import CircuitBreakerModule, SafetyDataModule
 
 
 def test_schedule_counts_optimizer_steps_not_micro_batches():
-    module = CircuitBreakerModule(layers=[0, 1], alpha=10.0, lora_dropout=0.05)
+    module = CircuitBreakerModule(layers=[0, 1], alpha=10.0)
     seen = []
 
     class Record(L.Callback):
@@ -21,7 +21,17 @@ def test_schedule_counts_optimizer_steps_not_micro_batches():
     assert all(c_retain + c_cb == pytest.approx(10.0) for c_retain, c_cb in seen)
 
 
-def test_without_dropout_training_could_never_start():
+def test_rerouting_has_a_gradient_from_the_first_step():
+    import torch
+
     module = CircuitBreakerModule(layers=[0, 1])
-    with pytest.raises(ValueError, match="needs lora_dropout > 0"):
-        module.configure_model()
+    module.configure_model()
+    data = SafetyDataModule(batch_size=4, val_fraction=0.0, tokenizer="organism")
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))[0]
+    module.train()
+    module.compute_losses(batch)["loss_reroute"].backward()
+    grads = [p.grad.abs().sum() for n, p in module.named_parameters() if "lora_" in n and p.grad is not None]
+    assert grads and sum(grads) > 0
+    with pytest.raises(ValueError, match="init_noise must be > 0"):
+        CircuitBreakerModule(init_noise=0.0)

@@ -19,7 +19,7 @@ METHODS = {
     "triplet": (TripletDefenseModule, {"layers_benign": [0, 1], "layers_harmful": [1]}),
     "triplet_mining": (TripletDefenseModule, {"layers_benign": [1], "layers_harmful": [1], "mining": True,
                                               "mining_interval": 1, "mining_steps": 2, "mining_layers": [0]}),
-    "circuit_breaker": (CircuitBreakerModule, {"layers": [0, 1], "lora_dropout": 0.05}),
+    "circuit_breaker": (CircuitBreakerModule, {"layers": [0, 1]}),
     "lat_refusal": (TargetedLATModule, {"adversary_layers": ["embedding", 1], "adversary_steps": 2}),
     "lat_rmu": (TargetedLATModule, {"objective": "rmu", "adversary_layers": [0], "adversary_steps": 2,
                                     "rmu_layer": 1}),

@@ -5,8 +5,10 @@ loss = c_retain(t) * ||h'_b - h_b||_2 + c_cb(t) * ReLU(cos(h'_h, h_h)), with the
 c_retain = alpha * t / (2T) and c_cb = alpha * (1 - t / (2T)) over optimizer steps t of T
 (the released code counts micro-batches, which skews the schedule under gradient accumulation).
 
-Fresh adapters make h' = h exactly, where ReLU(cos(h', h)) has zero gradient: training needs
-``lora_dropout`` > 0 (0.05, as released) so that the first steps see h' != h.
+Fresh adapters (LoRA B = 0) make h' = h exactly, where ReLU(cos(h', h)) has zero gradient, and
+LoRA dropout cannot help (it acts before B). The released code escapes through bf16 kernel noise,
+which Adam amplifies; here B starts from a small seeded Gaussian (``init_noise``) instead, so the
+first step has a gradient and runs are reproducible.
 """
 
 from __future__ import annotations
@@ -26,20 +28,28 @@ class CircuitBreakerModule(SafetyModule):
     Args:
         layers: decoder layers of both terms (paper: 10 and 20 of Llama-3-8B's 32).
         alpha: schedule scale alpha of c_retain and c_cb.
+        init_noise: standard deviation of LoRA B at the start (0 would leave the rerouting term
+            without a gradient).
+        seed: seed of that initialisation.
         **kwargs: model, LoRA and optimiser settings of ``SafetyModule``.
     """
 
     stream_fields = {"harmful": ("completion",), "benign": ("completion",)}
 
-    def __init__(self, layers: list[int] = [1, 2], alpha: float = 10.0, **kwargs):  # noqa: B006
+    def __init__(self, layers: list[int] = [1, 2], alpha: float = 10.0, init_noise: float = 1e-3,  # noqa: B006
+                 seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.save_hyperparameters()
+        if init_noise <= 0:
+            raise ValueError("init_noise must be > 0: with LoRA B = 0 the rerouting term has no gradient")
 
     def validate_layers(self, num_layers: int) -> None:
         self.resolve(self.hparams.layers)
-        if self.hparams.lora_dropout == 0:
-            raise ValueError("CircuitBreakerModule needs lora_dropout > 0 (e.g. 0.05): with fresh adapters h' = h, "
-                             "where the rerouting term ReLU(cos(h', h)) has zero gradient and training never starts")
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=generator) * self.hparams.init_noise)
 
     def coefficients(self) -> tuple[float, float]:
         """(c_retain, c_cb) at the current optimizer step."""
