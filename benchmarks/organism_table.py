@@ -135,8 +135,9 @@ def plot(table: dict, path: str) -> None:
         ax.set_title(attack)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(SPLITS))], SPLITS, rotation=45, ha="right", fontsize=7)
     axes[0].set_ylabel("ASR (exact judge)")
-    axes[-1].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(table), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
