@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 
-import torch
 from torch import Tensor
 
 from lit_safety.backbone import decoder_layers, resolve_layers

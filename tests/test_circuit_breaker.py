@@ -22,7 +22,6 @@ def test_schedule_counts_optimizer_steps_not_micro_batches():
 
 
 def test_rerouting_has_a_gradient_from_the_first_step():
-    import torch
 
     module = CircuitBreakerModule(layers=[0, 1])
     module.configure_model()
