@@ -101,6 +101,8 @@ def test_gcg_lowers_the_loss_and_never_proposes_special_tokens(setting):
         suffixes = attack._step(model, tokenizer, parts, suffixes, allowed, generator)
         assert not set(suffixes.flatten().tolist()) & set(tokenizer.all_special_ids)
     assert loss(suffixes) < start
+    responses = attack.run(model, formatter, records[:2], ExactJudge())
+    assert len(responses) == 2 and all(isinstance(r, str) for r in responses)
 
 
 def test_latent_attack_lowers_the_target_loss(setting):

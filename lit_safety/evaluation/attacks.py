@@ -251,8 +251,9 @@ class GCGAttack(Attack):
         steps: optimisation steps.
         top_k: replacement tokens considered per position.
         candidates: single-token swaps scored per behaviour per step.
-        snapshots: evenly spaced judged snapshots (the last step is always one); a behaviour stops
-            at its first successful snapshot.
+        snapshots: evenly spaced judged snapshots (the last step is always one), besides one whenever
+            a behaviour's target first becomes the greedy continuation; a behaviour stops at its
+            first successful snapshot.
         target_field: record field the attack optimises toward ("target" or "answer").
         max_new_tokens: tokens generated at each snapshot.
         batch_size: behaviours attacked together.
@@ -286,17 +287,23 @@ class GCGAttack(Attack):
                 rows = list(range(start, start + len(chunk)))
                 parts = [split_prompt(formatter, r, getattr(r, self.target_field) or "") for r in chunk]
                 suffixes = torch.tensor([init] * len(chunk))
+                matched = torch.zeros(len(chunk), dtype=torch.bool)
                 for k in range(1, self.steps + 1):
                     active = (~book.broken[rows]).nonzero().flatten().tolist()
                     if not active:
                         break
                     suffixes[active] = self._step(model, tokenizer, [parts[i] for i in active], suffixes[active],
                                                   allowed, generator)
-                    if k in checkpoints:
-                        lay = layout([parts[i] for i in active], suffixes[active].tolist(), tokenizer.pad_token_id)
-                        tokens = greedy_from_embeddings(model, embed(lay.prompt_ids), lay.prompt_attention,
+                    lay = layout([parts[i] for i in active], suffixes[active].tolist(), tokenizer.pad_token_id)
+                    with torch.no_grad():
+                        _, match = _target_nll(model, embed(lay.ids), lay, with_match=True)
+                    # Judge when the target first becomes the greedy continuation, and at the checkpoints.
+                    snap = (match & ~matched[active]) | torch.full_like(match, k in checkpoints)
+                    matched[active] = match
+                    if snap.any():
+                        tokens = greedy_from_embeddings(model, embed(lay.prompt_ids[snap]), lay.prompt_attention[snap],
                                                         self.max_new_tokens, tokenizer.eos_token_id)
-                        book.add([rows[i] for i in active], _decode(formatter, tokens))
+                        book.add([rows[i] for i, s in zip(active, snap.tolist()) if s], _decode(formatter, tokens))
                 bar.update(len(chunk))
         return book.responses
 
