@@ -54,3 +54,18 @@ def test_only_lora_changes_and_reference_stays_the_base(name):
     assert not torch.equal(module.model(ids).logits, reference_logits)
     assert all("lora_" in k for k in module.state_dict())
     assert not any(layer._forward_hooks for layer in backbone.decoder_layers(module.model))
+
+
+def test_exported_adapter_and_merged_model_reproduce_the_trained_module(tmp_path):
+    from peft import PeftModel
+
+    module = RefusalSFTModule(optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    module.configure_model()
+    fit(module)
+    module.eval()
+    ids = torch.randint(7, 40, (2, 8))
+    expected = module.model(ids).logits
+    merged = backbone.load_causal_lm(module.export_merged(str(tmp_path / "merged")))
+    adapter = PeftModel.from_pretrained(backbone.load_causal_lm("organism"), module.export_adapter(str(tmp_path / "adapter")))
+    assert torch.allclose(merged(ids).logits, expected, atol=1e-4)
+    assert torch.allclose(adapter.eval()(ids).logits, expected, atol=1e-5)
