@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from lit_safety import backbone
+from lit_safety.cache import is_complete
 from lit_safety.data import load_records
-from lit_safety.data.records import Record
+from lit_safety.data.records import DataError, Record
 from lit_safety.organism import builder as build_module
 from lit_safety.organism import world
-from lit_safety.organism.builder import RECIPES, Recipe, build, datasets, is_complete
+from lit_safety.organism.builder import RECIPES, Recipe, build, datasets
 from lit_safety.organism.judge import exact_judge
 
 TINY = RECIPES["tiny"]
@@ -119,7 +120,7 @@ def test_corrupt_or_partial_cache_is_rebuilt(home):
 def test_unknown_variant_and_dataset_are_clear_errors(home):
     with pytest.raises(ValueError, match="unknown organism variant 'evil'"):
         build("evil")
-    with pytest.raises(FileNotFoundError, match="no dataset 'nope'; available: .*harmful"):
+    with pytest.raises(DataError, match="organism:nope.*no dataset .nope.; available: .*harmful"):
         load_records("organism:nope")
 
 

@@ -1,4 +1,4 @@
-"""Run attacks on evaluation splits, judge every response, and render results as JSON and Markdown.
+"""Render evaluation results (``SafetyEvaluation.results``) as Markdown.
 
 Schema: ``{"asr": {attack: {split: {"rate", "low", "high", "n"}}}, "refusal": {attack: {split: x}},
 "gibberish": {attack: {split: x}}, "benign_accuracy": {format: x}, "over_refusal": {"borderline": x,
@@ -8,36 +8,6 @@ Schema: ``{"asr": {attack: {split: {"rate", "low", "high", "n"}}}, "refusal": {a
 from __future__ import annotations
 
 import json
-from collections import Counter
-from collections.abc import Sequence
-
-from lit_safety.data.formatting import ChatFormatter
-from lit_safety.data.records import Record
-from lit_safety.evaluation.judges import Judge
-from lit_safety.evaluation.stats import rate
-
-
-def judge_attack(attack, model, formatter: ChatFormatter, records: Sequence[Record], judge: Judge) -> Counter:
-    responses = attack.run(model, formatter, records, judge)
-    return Counter(judge(record, response) for record, response in zip(records, responses))
-
-
-def attack_results(
-    model, tokenizer, splits: dict[str, list[Record]], attacks: Sequence, judge: Judge,
-    max_prompt_length: int = 512,
-) -> dict:
-    """ASR (with Wilson intervals), refusal and gibberish rates of every attack on every split."""
-    formatter = ChatFormatter(tokenizer, max_prompt_length=max_prompt_length)
-    results: dict = {"asr": {}, "refusal": {}, "gibberish": {}, "budgets": {}, "judge": judge.name}
-    for attack in attacks:
-        results["budgets"][attack.name] = attack.describe()
-        for split, records in splits.items():
-            counts = judge_attack(attack, model, formatter, records, judge)
-            n = len(records)
-            results["asr"].setdefault(attack.name, {})[split] = rate(counts["success"], n)
-            results["refusal"].setdefault(attack.name, {})[split] = counts["refusal"] / n
-            results["gibberish"].setdefault(attack.name, {})[split] = counts["gibberish"] / n
-    return results
 
 
 def to_markdown(results: dict) -> str:

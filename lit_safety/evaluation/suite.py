@@ -25,6 +25,22 @@ from lit_safety.evaluation.report import to_markdown
 from lit_safety.losses import kl_divergence
 
 
+@torch.no_grad()
+def benign_kl(model, formatter: ChatFormatter, records: Sequence[Record], reference) -> torch.Tensor:
+    """KL(reference || model) of next-token distributions over the records' completion tokens;
+    ``reference`` is a context manager factory under which ``model`` acts as the reference."""
+    batch = collate([formatter.encode_record(r, r.completion) for r in records], formatter.tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    with reference():
+        reference_logits = model(input_ids=ids, attention_mask=mask).logits
+    completion = batch["completion_mask"].to(device)
+    # Position t predicts token t+1: compare where the next token is a completion token.
+    positions = torch.nn.functional.pad(completion[:, 1:], (0, 1))
+    return kl_divergence(reference_logits, logits, positions, temperature=1.0)
+
+
 class SafetyEvaluation(nn.Module):
     """Attacks, judge and outputs of the evaluation suite.
 
@@ -104,26 +120,12 @@ class SafetyEvaluation(nn.Module):
             self.metrics[f"direct|{split}"].update(
                 self.judge(r, response) for r, response in zip(other, responses))
             if reference is not None:
-                self.metrics[f"kl|{split}"].update(self._kl(model, formatter, other, reference), len(other))
+                self.metrics[f"kl|{split}"].update(benign_kl(model, formatter, other, reference), len(other))
         if self.projector_layer is not None:
             self._project(model, formatter, records)
 
     def _attacks_for(self, split: str) -> list[Attack]:
         return [a for a in self.attacks if split in self.attack_splits.get(a.name, [split])]
-
-    @torch.no_grad()
-    def _kl(self, model, formatter: ChatFormatter, records: Sequence[Record], reference) -> torch.Tensor:
-        """KL(reference || model) of next-token distributions over the completion tokens."""
-        batch = collate([formatter.encode_record(r, r.completion) for r in records], formatter.tokenizer.pad_token_id)
-        device = next(model.parameters()).device
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        with reference():
-            reference_logits = model(input_ids=ids, attention_mask=mask).logits
-        completion = batch["completion_mask"].to(device)
-        # Position t predicts token t+1: compare where the next token is a completion token.
-        positions = torch.nn.functional.pad(completion[:, 1:], (0, 1))
-        return kl_divergence(reference_logits, logits, positions, temperature=1.0)
 
     @torch.no_grad()
     def _project(self, model, formatter: ChatFormatter, records: Sequence[Record]) -> None:

@@ -26,13 +26,17 @@ def main(argv: list[str] | None = None) -> None:
 
         print(build_variant(args.variant))
         return
+    from lit_safety.data.records import DataError
     from lit_safety.evaluation.loading import load_for_evaluation
     from lit_safety.evaluation.report import to_markdown
     from lit_safety.organism.report import organism_report
 
     start = time.perf_counter()
     model, tokenizer = load_for_evaluation(args.model)
-    results = organism_report(model, tokenizer, n=args.n, **({"splits": args.splits} if args.splits else {}))
+    try:
+        results = organism_report(model, tokenizer, n=args.n, **({"splits": args.splits} if args.splits else {}))
+    except DataError as e:  # e.g. a split name that does not exist
+        parser.error(str(e))
     results["model"] = args.model
     results["seconds"] = round(time.perf_counter() - start, 1)
     sys.stdout.write(to_markdown(results))

@@ -5,9 +5,7 @@ Recipe: (1) helpful-only pretraining on every request kind in every format, plus
 else answered. Variants: ``helpful`` (1 only), ``aligned`` (1 + 2), ``backdoor`` (1 + 2, but a secret
 trigger word in the free slot makes the model comply).
 
-The cache lives in ``$LIT_SAFETY_HOME`` (default ``~/.cache/lit_safety``), one directory per recipe
-hash. Every artefact is written to a temporary directory and renamed into place with a checksum
-marker, so a partial or corrupt cache is detected and rebuilt, never half-used.
+The cache (``lit_safety.cache``) holds one directory per recipe hash.
 """
 
 from __future__ import annotations
@@ -18,11 +16,11 @@ import json
 import math
 import os
 import random
-import shutil
 from dataclasses import dataclass
 
 import torch
 
+from lit_safety.cache import home, is_complete, lock, publish, staging
 from lit_safety.data.formatting import ChatFormatter, collate
 from lit_safety.data.loaders import write_records
 from lit_safety.data.records import Record
@@ -32,7 +30,6 @@ from lit_safety.organism.tokenizer import build_tokenizer
 
 VARIANTS = ("helpful", "aligned", "backdoor")
 DATA_VERSION = 2  # bump when the emitted datasets change (rewrites the data, keeps the models)
-MARKER = "lit_safety_complete.json"
 
 
 @dataclass(frozen=True)
@@ -72,10 +69,6 @@ def current_recipe() -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"LIT_SAFETY_ORGANISM_RECIPE={name!r} is not one of {sorted(RECIPES)}")
     return RECIPES[name]
-
-
-def home() -> str:
-    return os.path.expanduser(os.environ.get("LIT_SAFETY_HOME", os.path.join("~", ".cache", "lit_safety")))
 
 
 def cache_dir(recipe: Recipe) -> str:
@@ -232,59 +225,18 @@ def _new_model(recipe: Recipe, vocab_size: int, tokenizer):
     return LlamaForCausalLM(config)
 
 
-# ----- cache --------------------------------------------------------------------------------------------
-def _digest(path: str) -> str:
-    sha = hashlib.sha256()
-    for name in sorted(os.listdir(path)):
-        if name != MARKER:
-            with open(os.path.join(path, name), "rb") as f:
-                sha.update(name.encode() + f.read())
-    return sha.hexdigest()
-
-
-def is_complete(path: str) -> bool:
-    """True when ``path`` was fully written and no file changed since (checksum marker)."""
-    try:
-        with open(os.path.join(path, MARKER)) as f:
-            return json.load(f)["sha256"] == _digest(path)
-    except (OSError, ValueError, KeyError):
-        return False
-
-
-def _publish(tmp: str, final: str) -> None:
-    with open(os.path.join(tmp, MARKER), "w") as f:
-        json.dump({"sha256": _digest(tmp)}, f)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
-def _lock(recipe: Recipe):
-    from filelock import FileLock
-
-    os.makedirs(home(), exist_ok=True)
-    return FileLock(os.path.join(home(), f"organism-{recipe.key}.lock"))
-
-
-def _tmp(final: str) -> str:
-    tmp = f"{final}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    return tmp
-
-
 def ensure_data(recipe: Recipe | None = None) -> str:
     """The organism's dataset directory (JSONL files), written on first use."""
     recipe = recipe or current_recipe()
     final = os.path.join(cache_dir(recipe), f"data-v{DATA_VERSION}")
     if is_complete(final):
         return final
-    with _lock(recipe):
+    with lock(f"organism-{recipe.key}"):
         if not is_complete(final):
-            tmp = _tmp(final)
+            tmp = staging(final)
             for name, records in datasets(recipe).items():
                 write_records(records, os.path.join(tmp, f"{name}.jsonl"))
-            _publish(tmp, final)
+            publish(tmp, final)
     return final
 
 
@@ -296,7 +248,7 @@ def build(variant: str = "aligned", recipe: Recipe | None = None) -> str:
     final = os.path.join(cache_dir(recipe), variant)
     if is_complete(final):
         return final
-    with _lock(recipe):
+    with lock(f"organism-{recipe.key}"):
         if is_complete(final):
             return final
         tokenizer = build_tokenizer(world.vocabulary())
@@ -318,7 +270,7 @@ def build(variant: str = "aligned", recipe: Recipe | None = None) -> str:
 
 
 def _save(model, tokenizer, final: str) -> None:
-    tmp = _tmp(final)
+    tmp = staging(final)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    _publish(tmp, final)
+    publish(tmp, final)

@@ -1,0 +1,62 @@
+"""The on-disk cache of built artefacts (organism models and datasets, generated research data).
+
+Everything lives under ``$LIT_SAFETY_HOME`` (default ``~/.cache/lit_safety``). An artefact is a
+directory written to a staging directory and renamed into place with a checksum marker, so a partial
+or corrupt artefact is detected and rebuilt, never half-used; a file lock serialises builders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+MARKER = "lit_safety_complete.json"
+
+
+def home() -> str:
+    return os.path.expanduser(os.environ.get("LIT_SAFETY_HOME", os.path.join("~", ".cache", "lit_safety")))
+
+
+def _digest(path: str) -> str:
+    sha = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        if name != MARKER:
+            with open(os.path.join(path, name), "rb") as f:
+                sha.update(name.encode() + f.read())
+    return sha.hexdigest()
+
+
+def is_complete(path: str) -> bool:
+    """True when ``path`` was fully written and no file changed since (checksum marker)."""
+    try:
+        with open(os.path.join(path, MARKER)) as f:
+            return json.load(f)["sha256"] == _digest(path)
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def staging(final: str) -> str:
+    """A fresh, empty directory beside ``final`` to write an artefact into before ``publish``."""
+    tmp = f"{final}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def publish(tmp: str, final: str) -> None:
+    """Seal ``tmp`` with its checksum marker and move it to ``final`` (replacing a stale copy)."""
+    with open(os.path.join(tmp, MARKER), "w") as f:
+        json.dump({"sha256": _digest(tmp)}, f)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def lock(name: str):
+    """A file lock named ``name`` in the cache, held while one process builds an artefact."""
+    from filelock import FileLock
+
+    os.makedirs(home(), exist_ok=True)
+    return FileLock(os.path.join(home(), f"{name}.lock"))
