@@ -38,18 +38,24 @@ def _register_builtin_resolvers() -> None:
         from lit_safety.organism import model_dir
 
         register_model_resolver("organism", model_dir)
+    if "smollm2" not in MODEL_RESOLVERS:
+        from lit_safety.smollm2 import model_path
+
+        register_model_resolver("smollm2", model_path)
 
 
 def resolve_model(name: str) -> tuple[str, dict]:
     """Turn a model name into ``(path_or_hub_id, extra from_pretrained kwargs)``.
 
-    Accepted names: a registered name such as ``organism`` or ``organism:backdoor``; a local Hugging
-    Face directory; a ``.gguf`` file (loaded through transformers' GGUF support); a hub id.
+    Accepted names: a registered name such as ``organism``, ``organism:backdoor`` or ``smollm2``; a
+    local Hugging Face directory; a ``.gguf`` file (loaded through transformers' GGUF support); a hub id.
     """
     _register_builtin_resolvers()
     prefix, _, variant = name.partition(":")
     if prefix in MODEL_RESOLVERS and not os.path.exists(name):
-        return MODEL_RESOLVERS[prefix](variant or None), {}
+        name = MODEL_RESOLVERS[prefix](variant or None)
+        if not name.endswith(".gguf"):
+            return name, {}
     if name.endswith(".gguf"):
         if not os.path.isfile(name):
             raise BackboneError(f"GGUF file not found: {name}")

