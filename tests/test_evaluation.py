@@ -172,6 +172,7 @@ model:
     assert set(results["benign_kl"]) == {"A", "B", "C", "borderline"}
     assert all(abs(v) < 1e-6 for v in results["benign_kl"].values())  # fresh adapters: the model is the reference
     assert results["budgets"]["latent"]["steps"] == 2
+    assert set(results["attack_seconds"]) == {"direct", "latent"} and results["attack_seconds"]["latent"] > 0
     assert os.path.getsize(os.path.join(log_dir, "eval_results.png")) > 0
     assert os.path.isfile(os.path.join(log_dir, "eval_results.md"))
 

@@ -91,3 +91,31 @@ def test_unknown_attack_site_is_a_clear_error():
     module = TargetedLATModule(adversary_layers=["embeddings"])
     with pytest.raises(ValueError, match="unknown attack site 'embeddings'"):
         module.configure_model()
+
+
+@pytest.mark.parametrize("model_toward", [0.0, 0.5])
+def test_dpo_objective_is_dpo_plus_toward_refusal(batch, model_toward):
+    # Without an adversary step the attacked loss is the model's DPO loss against the adapters-off
+    # reference, plus model_toward x toward(refusal) (which keeps the chosen answer from degrading).
+    module = TargetedLATModule(objective="dpo", adversary_layers=[1], adversary_steps=0, model_toward=model_toward)
+    module.configure_model()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:  # move away from the reference so the DPO margin is not zero
+                p.normal_(0, 0.5)
+    module.eval()
+    harmful, refusal = batch["harmful"]["completion"], batch["harmful"]["refusal"]
+
+    def logp(seq):
+        logits = module.model(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"]).logits
+        return sequence_logprob(logits, seq["input_ids"], seq["completion_mask"]), logits
+
+    with torch.no_grad():
+        (chosen, refusal_logits), (rejected, _) = logp(refusal), logp(harmful)
+        with backbone.reference(module.model):
+            (ref_chosen, _), (ref_rejected, _) = logp(refusal), logp(harmful)
+        expected = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.3) + model_toward * toward(
+            refusal_logits, refusal["input_ids"], refusal["completion_mask"])
+        terms = module.compute_losses(batch)
+    assert terms["loss_attacked"].item() == pytest.approx(expected.item(), rel=1e-5)

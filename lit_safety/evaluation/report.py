@@ -32,4 +32,6 @@ def to_markdown(results: dict) -> str:
         out.append("benign KL to the reference: " + ", ".join(f"{k} {v:.4f}" for k, v in results["benign_kl"].items()))
     if "budgets" in results:
         out += ["", "budgets: " + json.dumps(results["budgets"])]
+    if results.get("attack_seconds"):
+        out.append("seconds per attack: " + json.dumps(results["attack_seconds"]))
     return "\n".join(out) + "\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -76,6 +77,7 @@ class SafetyEvaluation(nn.Module):
         self.harmful_splits: set[str] = set()
         self._judge = None
         self.projected: dict[str, list] = defaultdict(list)
+        self.seconds: dict[str, float] = defaultdict(float)  # attack -> time spent on this rank
 
     @property
     def judge(self):
@@ -105,6 +107,7 @@ class SafetyEvaluation(nn.Module):
                 if not harmful:
                     self.metrics[f"kl|{split}"] = MeanMetric().to(device)
         self.projected = defaultdict(list)
+        self.seconds = defaultdict(float)
 
     def evaluate(self, model, tokenizer, split: str, records: Sequence[Record], reference=None) -> None:
         """Update the metrics with one batch of one split's records."""
@@ -112,7 +115,9 @@ class SafetyEvaluation(nn.Module):
         harmful = [r for r in records if r.kind == "harmful"]
         other = [r for r in records if r.kind != "harmful"]
         for attack in self._attacks_for(split) if harmful else []:
+            start = time.perf_counter()
             responses = attack.run(model, formatter, harmful, self.judge)
+            self.seconds[attack.name] += time.perf_counter() - start
             self.metrics[f"{attack.name}|{split}"].update(
                 self.judge(r, response) for r, response in zip(harmful, responses))
         if other:
@@ -142,7 +147,8 @@ class SafetyEvaluation(nn.Module):
     def results(self) -> dict:
         """Compute every metric (synchronised across ranks) into the report schema and reset."""
         out: dict = {"asr": {}, "refusal": {}, "gibberish": {}, "benign_accuracy": {}, "over_refusal": {},
-                     "benign_kl": {}, "budgets": {a.name: a.describe() for a in self.attacks}, "judge": self.judge_name}
+                     "benign_kl": {}, "budgets": {a.name: a.describe() for a in self.attacks}, "judge": self.judge_name,
+               "attack_seconds": {name: round(t, 1) for name, t in self.seconds.items()}}
         for key, metric in self.metrics.items():
             name, split = key.split("|")
             value = metric.compute()

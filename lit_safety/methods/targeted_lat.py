@@ -10,7 +10,8 @@ Objectives:
 - ``refusal`` (jailbreaks): adversary toward(harmful) + away(refusal); model toward(refusal) +
   away(harmful); benign SFT or KL to the reference.
 - ``dpo`` (backdoor removal without knowing the trigger): DPO with the adapters-off reference; the
-  adversary minimises it with chosen and rejected swapped, the model minimises it as is.
+  adversary minimises it with chosen and rejected swapped, the model minimises it as is, plus
+  ``model_toward`` x toward(refusal) (DPO alone lowers the chosen likelihood too and garbles it).
 - ``rmu`` (unlearning): the model steers forget-data states at ``rmu_layer`` toward a fixed random
   direction while keeping retain-data states; the adversary tries to restore the forgotten answers.
 - ``gradient_ascent`` (unlearning): the model ascends the NLL of forget data, SFT on retain data.
@@ -59,7 +60,7 @@ class TargetedLATModule(SafetyModule):
         adversary_positions: positions perturbed: "prompt" or "all" (prompt and completion).
         adversary_toward: adversary weight of toward(harmful completion).
         adversary_away: adversary weight of away(refusal).
-        model_toward: model weight of toward(refusal).
+        model_toward: model weight of toward(refusal) (objectives refusal and dpo).
         model_away: model weight of away(harmful completion).
         benign_weight: weight of the benign (retain) term, computed with the adversary off.
         benign_loss: "sft" (cross-entropy on benign completions) or "kl" (to the reference).
@@ -153,8 +154,9 @@ class TargetedLATModule(SafetyModule):
             def adversary():  # prefer the harmful completion
                 return dpo_loss(self._logp(harmful), self._logp(refusal), reference["harmful"], reference["refusal"], hp.dpo_beta)
 
-            def model():
-                return dpo_loss(self._logp(refusal), self._logp(harmful), reference["refusal"], reference["harmful"], hp.dpo_beta)
+            def model():  # DPO alone lowers both likelihoods; toward(refusal) keeps the chosen answer intact
+                return (dpo_loss(self._logp(refusal), self._logp(harmful), reference["refusal"], reference["harmful"], hp.dpo_beta)
+                        + hp.model_toward * toward(self._logits(refusal), refusal["input_ids"], refusal["completion_mask"]))
         else:
             def adversary():  # restore the forgotten answers
                 return toward(self._logits(harmful), ids, mask)
