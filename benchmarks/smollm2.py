@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import json
 import os
 import statistics
@@ -34,9 +33,13 @@ FIDELITY_TOKENS = 32
 HARMFUL_TOKENS = 48
 
 
-def train(method: str, work: str) -> tuple[str, float]:
+def train(method: str, work: str, reuse: bool) -> tuple[str, float]:
     """Fit configs/smollm2/<method>.yaml; returns the exported adapter directory and the seconds."""
-    log = os.path.join(work, f"{method}_fit.log")
+    log, timing = os.path.join(work, f"{method}_fit.log"), os.path.join(work, f"{method}_fit.json")
+    adapter = os.path.join(work, method, "run", "adapter")
+    if reuse and os.path.isfile(timing) and os.path.isdir(adapter):
+        with open(timing) as f:
+            return adapter, json.load(f)["seconds"]
     start = time.perf_counter()
     with open(log, "w") as f:
         done = subprocess.run(
@@ -46,8 +49,10 @@ def train(method: str, work: str) -> tuple[str, float]:
             cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     if done.returncode:
         raise SystemExit(f"training {method} failed; see {log}")
-    (adapter,) = glob.glob(os.path.join(work, method, "run", "adapter"))
-    return adapter, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    with open(timing, "w") as f:
+        json.dump({"seconds": seconds}, f)
+    return adapter, seconds
 
 
 def suite_attack(name: str) -> dict:
@@ -152,7 +157,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--work", default=os.path.join(ROOT, "benchmarks", "results", "runs", "smollm2"),
                         help="log directories of every run (not committed)")
-    parser.add_argument("--reuse", action="store_true", help="reuse finished results found in --work")
+    parser.add_argument("--reuse", action="store_true", help="reuse finished results and trained adapters found in --work")
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
 
@@ -166,7 +171,7 @@ def main() -> None:
             with open(saved) as f:
                 results[method] = json.load(f)
         else:
-            spec, seconds = ("smollm2", 0.0) if method == "base" else train(method, args.work)
+            spec, seconds = ("smollm2", 0.0) if method == "base" else train(method, args.work, args.reuse)
             results[method] = {**evaluate(spec, data, results.get("base"), args.attack_n), "train_seconds": seconds}
             with open(saved, "w") as f:
                 json.dump(results[method], f)

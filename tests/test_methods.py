@@ -1,6 +1,8 @@
 """Properties every method must have, checked on the tiny organism: only LoRA weights change, the
 reference stays the base model, and nothing but adapter weights reaches the checkpoint."""
 
+import json
+
 import lightning as L
 import pytest
 import torch
@@ -69,3 +71,10 @@ def test_exported_adapter_and_merged_model_reproduce_the_trained_module(tmp_path
     adapter = PeftModel.from_pretrained(backbone.load_causal_lm("organism"), module.export_adapter(str(tmp_path / "adapter")))
     assert torch.allclose(merged(ids).logits, expected, atol=1e-4)
     assert torch.allclose(adapter.eval()(ids).logits, expected, atol=1e-5)
+    # The adapter names its base as the module did, so evaluation finds it (a GGUF path would not).
+    from lit_safety.evaluation.loading import load_for_evaluation
+
+    with open(tmp_path / "adapter" / "adapter_config.json") as f:
+        assert json.load(f)["base_model_name_or_path"] == "organism"
+    reloaded, _ = load_for_evaluation(str(tmp_path / "adapter"))
+    assert torch.allclose(reloaded(ids).logits, expected, atol=1e-5)

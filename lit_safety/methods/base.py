@@ -175,7 +175,12 @@ class SafetyModule(L.LightningModule):
         checkpoint["lit_safety_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     def export_adapter(self, path: str) -> str:
-        """Write a PEFT adapter directory (loadable with ``PeftModel.from_pretrained``) and the tokenizer."""
+        """Write a PEFT adapter directory (loadable with ``PeftModel.from_pretrained``) and the tokenizer.
+
+        The adapter names its base by this module's ``model`` (e.g. ``organism`` or ``smollm2``), which
+        ``load_for_evaluation`` resolves on any machine; a resolved path would lose a GGUF file name.
+        """
+        self.model.peft_config[self.model.active_adapter].base_model_name_or_path = self.hparams.model
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         return path
