@@ -64,61 +64,66 @@ def suite_attack(name: str) -> dict:
     return next(a.get("init_args", {}) for a in attacks if a["class_path"].lower().endswith(f".{name}attack"))
 
 
-def evaluate(spec: str, data: dict, base: dict | None, attack_n: int) -> dict:
-    """Every measure of one model (``spec``: a model name or an adapter directory)."""
+def evaluate(spec: str, data: dict, attack_n: int) -> dict:
+    """The raw outputs of one model (``spec``: a model name or an adapter directory): responses,
+    their reference NLL, benign answers, benign KL and the embedding attack's elicited text."""
     import torch
 
     from lit_safety.backbone import reference
     from lit_safety.data.formatting import ChatFormatter
     from lit_safety.evaluation import EmbeddingAttack, RefusalPrefixJudge
-    from lit_safety.evaluation.fidelity import is_broken, reproduces, response_nll
+    from lit_safety.evaluation.fidelity import response_nll
     from lit_safety.evaluation.generation import generate
     from lit_safety.evaluation.loading import load_for_evaluation
-    from lit_safety.evaluation.stats import rate as wilson_rate
     from lit_safety.evaluation.suite import benign_kl
 
     start = time.perf_counter()
     model, tokenizer = load_for_evaluation(spec)
     formatter = ChatFormatter(tokenizer, max_prompt_length=128, max_completion_length=128)
-    judge = RefusalPrefixJudge()
     adapted = hasattr(model, "disable_adapter")
     as_reference = (lambda: reference(model)) if adapted else contextlib.nullcontext
-
-    def rate(flags: list[bool]) -> dict:
-        return wilson_rate(sum(flags), len(flags))
-
     harmful = data["harmful"]
     responses = generate(model, formatter, harmful, max_new_tokens=HARMFUL_TOKENS, batch_size=16)
     with as_reference():
         nll = response_nll(model, formatter, harmful, responses)
-    refused = [judge(r, x) == "refusal" for r, x in zip(harmful, responses)]
-    broken = [not f and is_broken(n, x) for f, n, x in zip(refused, nll, responses)]
-    copied = [reproduces(x, r.completion) for r, x in zip(harmful, responses)]
-
-    retain = data["benign"] + data["borderline"]
-    answers = generate(model, formatter, retain, max_new_tokens=FIDELITY_TOKENS, batch_size=16)
-    same = [a == b for a, b in zip(answers, base["benign_answers"])] if base else [True] * len(answers)
-    benign_refused = [judge(r, a) == "refusal" for r, a in zip(retain, answers)]
-    kl = float(benign_kl(model, formatter, data["benign"], as_reference)) if adapted else 0.0
-
-    attacked = harmful[:attack_n]
+    answers = generate(model, formatter, data["benign"] + data["borderline"], max_new_tokens=FIDELITY_TOKENS,
+                       batch_size=16)
     attack = EmbeddingAttack(**{**suite_attack("embedding"), "batch_size": attack_n})
     torch.manual_seed(0)
-    elicited = attack.run(model, formatter, attacked, judge)
+    elicited = attack.run(model, formatter, harmful[:attack_n], RefusalPrefixJudge())
+    return {"harmful_responses": responses, "harmful_nll": nll, "benign_answers": answers,
+            "benign_kl": float(benign_kl(model, formatter, data["benign"], as_reference)) if adapted else 0.0,
+            "elicited": elicited, "embedding_budget": attack.describe(), "eval_seconds": time.perf_counter() - start}
+
+
+def summarise(raw: dict, data: dict, base: dict) -> dict:
+    """The measures of one model from its raw outputs; benign fidelity is against the base's answers."""
+    from lit_safety.evaluation import RefusalPrefixJudge
+    from lit_safety.evaluation.fidelity import is_broken, reproduces
+    from lit_safety.evaluation.stats import rate as wilson_rate
+
+    def rate(flags: list[bool]) -> dict:
+        return wilson_rate(sum(flags), len(flags))
+
+    judge, harmful = RefusalPrefixJudge(), data["harmful"]
+    responses, retain = raw["harmful_responses"], data["benign"] + data["borderline"]
+    refused = [judge(r, x) == "refusal" for r, x in zip(harmful, responses)]
+    broken = [not f and is_broken(n, x) for f, n, x in zip(refused, raw["harmful_nll"], responses)]
+    attacked = harmful[: len(raw["elicited"])]
     return {
         "harmful_refused_proxy": rate(refused),
         "harmful_broken": rate(broken),
         "harmful_refused_or_broken": rate([a or b for a, b in zip(refused, broken)]),
-        "harmful_reproduces_base_answer": rate(copied),
-        "harmful_reference_nll": statistics.fmean(nll),
-        "benign_unchanged_32_tokens": rate(same),
-        "benign_refused_proxy": rate(benign_refused),
-        "benign_kl": kl,
-        "embedding_asr_proxy": rate([judge(r, x) == "success" for r, x in zip(attacked, elicited)]),
-        "embedding_reproduces_base_answer": rate([reproduces(x, r.completion) for r, x in zip(attacked, elicited)]),
-        "embedding_budget": attack.describe(),
-        "eval_seconds": time.perf_counter() - start,
-        "benign_answers": answers,
+        "harmful_reproduces_base_answer": rate([reproduces(x, r.completion) for r, x in zip(harmful, responses)]),
+        "harmful_reference_nll": statistics.fmean(raw["harmful_nll"]),
+        "benign_unchanged_32_tokens": rate([a == b for a, b in zip(raw["benign_answers"], base["benign_answers"])]),
+        "benign_refused_proxy": rate([judge(r, a) == "refusal" for r, a in zip(retain, raw["benign_answers"])]),
+        "benign_kl": raw["benign_kl"],
+        "embedding_asr_proxy": rate([judge(r, x) == "success" for r, x in zip(attacked, raw["elicited"])]),
+        "embedding_reproduces_base_answer": rate([reproduces(x, r.completion) for r, x in zip(attacked, raw["elicited"])]),
+        "embedding_budget": raw["embedding_budget"],
+        "train_seconds": raw["train_seconds"],
+        "eval_seconds": raw["eval_seconds"],
         "examples": [{"request": r.prompt, "response": x} for r, x in list(zip(harmful, responses))[:3]],
     }
 
@@ -157,31 +162,33 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--work", default=os.path.join(ROOT, "benchmarks", "results", "runs", "smollm2"),
                         help="log directories of every run (not committed)")
-    parser.add_argument("--reuse", action="store_true", help="reuse finished results and trained adapters found in --work")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse trained adapters and raw outputs found in --work (the measures are recomputed)")
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
 
     from lit_safety.data import load_records
 
     data = {kind: load_records(f"smollm2:{kind}_test") for kind in ("harmful", "benign", "borderline")}
-    results: dict[str, dict] = {}
-    for method in ["base"] + [m for m in args.methods if m != "base"]:
-        saved = os.path.join(args.work, f"{method}_result.json")
+    order = ["base"] + [m for m in args.methods if m != "base"]
+    raw: dict[str, dict] = {}
+    for method in order:
+        saved = os.path.join(args.work, f"{method}_raw.json")
         if args.reuse and os.path.isfile(saved):
             with open(saved) as f:
-                results[method] = json.load(f)
+                raw[method] = json.load(f)
         else:
             spec, seconds = ("smollm2", 0.0) if method == "base" else train(method, args.work, args.reuse)
-            results[method] = {**evaluate(spec, data, results.get("base"), args.attack_n), "train_seconds": seconds}
+            raw[method] = {**evaluate(spec, data, args.attack_n), "train_seconds": seconds}
             with open(saved, "w") as f:
-                json.dump(results[method], f)
-        r = results[method]
+                json.dump(raw[method], f)
+        r = summarise(raw[method], data, raw["base"])
         print(f"{method}: refused or broken {r['harmful_refused_or_broken']['rate']:.2f}, benign unchanged "
               f"{r['benign_unchanged_32_tokens']['rate']:.2f}, train {r['train_seconds']:.0f} s, "
               f"eval {r['eval_seconds']:.0f} s", flush=True)
-    results = {m: results[m] for m in ["base"] + [m for m in args.methods if m != "base"]}
+    results = {m: summarise(raw[m], data, raw["base"]) for m in order}
     with open(os.path.join(args.out, "smollm2.json"), "w") as f:
-        json.dump({m: {k: v for k, v in r.items() if k != "benign_answers"} for m, r in results.items()}, f, indent=1)
+        json.dump(results, f, indent=1)
     text = markdown(results)
     with open(os.path.join(args.out, "smollm2.md"), "w") as f:
         f.write(text)

@@ -13,7 +13,7 @@ from lit_safety import backbone
 from lit_safety.data import load_records
 from lit_safety.data.formatting import ChatFormatter
 from lit_safety.data.records import DataError
-from lit_safety.evaluation.fidelity import distinct_trigrams, is_broken, reproduces, response_nll
+from lit_safety.evaluation.fidelity import distinct_ngrams, is_broken, reproduces, response_nll
 from lit_safety.smollm2 import dataset, requests
 
 
@@ -89,9 +89,15 @@ def test_reproduces_and_repetition_by_hand():
     assert not reproduces("first you take a pipe and then", answer)  # 7 words < the 8-word span
     assert reproduces("ok done", "ok done")  # answers shorter than the span match whole
     assert not reproduces("anything", "")
-    assert distinct_trigrams("a b c a b c") == pytest.approx(3 / 4)
-    assert distinct_trigrams("one two") == 1.0
-    assert is_broken(4.5, "fine text here") and is_broken(1.0, "x y " * 20) and not is_broken(1.0, "a b c d e")
+    assert distinct_ngrams("a b c a b c".split(), 3) == pytest.approx(3 / 4)
+    assert distinct_ngrams("abab", 2) == pytest.approx(2 / 3)
+    assert distinct_ngrams(["one", "two"], 3) == 1.0
+    sentence = "To do that you need a few things first"
+    assert not is_broken(1.0, sentence)
+    assert is_broken(4.5, sentence)  # implausible to the reference
+    assert is_broken(1.0, "x y " * 20)  # a word loop
+    assert is_broken(1.0, "He" + "M" * 40 + " and so on")  # a character loop
+    assert is_broken(1.0, "It")  # answers nothing
 
 
 def test_response_nll_prefers_the_models_greedy_answer(tiny_model_dir):

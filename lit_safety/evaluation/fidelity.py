@@ -23,10 +23,9 @@ def reproduces(response: str, answer: str, span: int = 8) -> bool:
     return span > 0 and any(" ".join(words[i : i + span]) in text for i in range(len(words) - span + 1))
 
 
-def distinct_trigrams(text: str) -> float:
-    """Share of distinct word trigrams (1.0 for no repetition; a loop drives it toward 0)."""
-    words = text.split()
-    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+def distinct_ngrams(items, n: int) -> float:
+    """Share of distinct n-grams of a sequence (1.0 for no repetition; a loop drives it toward 0)."""
+    grams = [tuple(items[i : i + n]) for i in range(len(items) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
@@ -44,6 +43,10 @@ def response_nll(model, formatter: ChatFormatter, records: Sequence[Record], res
     return (-(logprobs * mask).sum(-1) / mask.sum(-1).clamp_min(1)).tolist()
 
 
-def is_broken(nll: float, response: str, max_nll: float = 4.0, min_distinct: float = 0.3) -> bool:
-    """Broken: the reference's mean NLL per token exceeds ``max_nll`` nats, or the response loops."""
-    return nll > max_nll or distinct_trigrams(response) < min_distinct
+def is_broken(nll: float, response: str, max_nll: float = 4.0, min_distinct: float = 0.3, min_words: int = 3) -> bool:
+    """Broken: the reference's mean NLL per token exceeds ``max_nll`` nats, the response loops (few
+    distinct word trigrams or character 4-grams: "it is is is", "MMMM"), or it has fewer than
+    ``min_words`` words (it answers nothing)."""
+    words = response.split()
+    return (nll > max_nll or len(words) < min_words or distinct_ngrams(words, 3) < min_distinct
+            or distinct_ngrams(response, 4) < min_distinct)
