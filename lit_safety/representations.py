@@ -84,3 +84,9 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = Non
         dim = tuple(range(mask.dim()))
     total = (x * m).sum(dim=dim)
     return total / m.sum(dim=dim).clamp_min(1)
+
+
+def position_mask(sequences: dict, positions: str) -> Tensor:
+    """The positions of a collated batch to use: "completion", "prompt" or "all" (every real token)."""
+    return {"completion": sequences["completion_mask"], "prompt": sequences["prompt_mask"],
+            "all": sequences["attention_mask"]}[positions]

@@ -6,6 +6,7 @@ import torch
 from lit_safety import SafetyDataModule, TargetedLATModule, backbone
 from lit_safety.adversaries import LatentAdversary, project_per_token
 from lit_safety.losses import dpo_loss, rmu_forget_loss, rmu_retain_loss, sequence_logprob, toward
+from lit_safety.representations import forward_states
 
 
 def test_projection_keeps_each_token_in_the_ball_and_masked_positions_at_zero():
@@ -118,4 +119,19 @@ def test_dpo_objective_is_dpo_plus_toward_refusal(batch, model_toward):
         expected = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.3) + model_toward * toward(
             refusal_logits, refusal["input_ids"], refusal["completion_mask"])
         terms = module.compute_losses(batch)
+    assert terms["loss_attacked"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["all", "completion"])
+def test_rmu_steers_only_the_chosen_positions(batch, positions):
+    module = TargetedLATModule(objective="rmu", adversary_layers=[0], adversary_steps=0, rmu_layer=1,
+                               rmu_positions=positions)
+    module.configure_model()
+    module.eval()
+    terms = module.compute_losses(batch)  # measures the layer norm and fixes the control vector c u
+    harmful = batch["harmful"]["completion"]
+    with torch.no_grad():
+        states = forward_states(module.model, harmful["input_ids"], harmful["attention_mask"], [1], logits=False)[0][1]
+    mask = harmful["attention_mask"] if positions == "all" else harmful["completion_mask"]
+    expected = rmu_forget_loss(states, module.control, mask)
     assert terms["loss_attacked"].item() == pytest.approx(expected.item(), rel=1e-5)

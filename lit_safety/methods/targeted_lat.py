@@ -36,7 +36,7 @@ from lit_safety.losses import (
     toward,
 )
 from lit_safety.methods.base import SafetyModule
-from lit_safety.representations import forward_states
+from lit_safety.representations import forward_states, position_mask
 
 Objective = Literal["refusal", "dpo", "rmu", "gradient_ascent"]
 
@@ -67,6 +67,9 @@ class TargetedLATModule(SafetyModule):
         dpo_beta: DPO temperature beta (paper: 0.3).
         rmu_layer: decoder layer whose states RMU steers.
         rmu_steering: RMU steering coefficient c, in units of the layer's mean activation norm.
+        rmu_positions: forget-data positions RMU steers: "all" (the paper: every token), "completion"
+            or "prompt". Positions before the forgotten content are identical in retain data, so
+            steering them fights the retain term.
         seed: seed of the RMU direction.
         **kwargs: model, LoRA and optimiser settings of ``SafetyModule``.
     """
@@ -91,6 +94,7 @@ class TargetedLATModule(SafetyModule):
         dpo_beta: float = 0.3,
         rmu_layer: int = 2,
         rmu_steering: float = 2.0,
+        rmu_positions: Literal["all", "completion", "prompt"] = "all",
         seed: int = 0,
         **kwargs,
     ):
@@ -163,7 +167,7 @@ class TargetedLATModule(SafetyModule):
 
             if hp.objective == "rmu":
                 def model():
-                    return rmu_forget_loss(self._rmu_states(harmful), self.control, harmful["attention_mask"])
+                    return rmu_forget_loss(self._rmu_states(harmful), self.control, position_mask(harmful, hp.rmu_positions))
             else:
                 def model():
                     return -toward(self._logits(harmful), ids, mask)

@@ -23,15 +23,10 @@ from lit_safety.adversaries import ResidualAttack
 from lit_safety.backbone import BackboneError, resolve_layers
 from lit_safety.losses import distance, kl_divergence, toward, triplet_loss
 from lit_safety.methods.base import SafetyModule
-from lit_safety.representations import forward_states, masked_mean
+from lit_safety.representations import forward_states, masked_mean, position_mask
 
 Distance = Literal["l2", "cosine", "mix"]
 Positions = Literal["completion", "prompt", "all"]
-
-
-def position_mask(sequences: dict, positions: str) -> Tensor:
-    return {"completion": sequences["completion_mask"], "prompt": sequences["prompt_mask"],
-            "all": sequences["attention_mask"]}[positions]
 
 
 class TripletDefenseModule(SafetyModule):
