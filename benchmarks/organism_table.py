@@ -15,6 +15,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -51,6 +52,7 @@ def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str,
     test = ["test", "--config", config or "configs/evaluate.yaml", f"--data.init_args.test_size={n}", *logger,
             "--trainer.logger.init_args.name", f"{name}_test", "--trainer.logger.init_args.version", f"seed{seed}"]
     if config is not None:
+        shutil.rmtree(os.path.join(work, name, f"seed{seed}"), ignore_errors=True)  # no stale checkpoints
         train_seconds = run(["fit", "--config", config, "--seed_everything", str(seed), f"--data.init_args.seed={seed}",
                              *logger, "--trainer.logger.init_args.name", name,
                              "--trainer.logger.init_args.version", f"seed{seed}"],
