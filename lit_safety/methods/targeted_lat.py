@@ -159,8 +159,10 @@ class TargetedLATModule(SafetyModule):
                 return dpo_loss(self._logp(harmful), self._logp(refusal), reference["harmful"], reference["refusal"], hp.dpo_beta)
 
             def model():  # DPO alone lowers both likelihoods; toward(refusal) keeps the chosen answer intact
-                return (dpo_loss(self._logp(refusal), self._logp(harmful), reference["refusal"], reference["harmful"], hp.dpo_beta)
-                        + hp.model_toward * toward(self._logits(refusal), refusal["input_ids"], refusal["completion_mask"]))
+                logits = self._logits(refusal)  # one forward serves both terms
+                chosen = sequence_logprob(logits, refusal["input_ids"], refusal["completion_mask"])
+                return (dpo_loss(chosen, self._logp(harmful), reference["refusal"], reference["harmful"], hp.dpo_beta)
+                        + hp.model_toward * toward(logits, refusal["input_ids"], refusal["completion_mask"]))
         else:
             def adversary():  # restore the forgotten answers
                 return toward(self._logits(harmful), ids, mask)
