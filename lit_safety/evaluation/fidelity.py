@@ -13,7 +13,7 @@ import torch
 
 from lit_safety.data.formatting import ChatFormatter, collate
 from lit_safety.data.records import Record
-from lit_safety.losses import token_logprobs
+from lit_safety.losses import sequence_logprob
 
 
 def reproduces(response: str, answer: str, span: int = 8) -> bool:
@@ -38,9 +38,8 @@ def response_nll(model, formatter: ChatFormatter, records: Sequence[Record], res
     device = next(model.parameters()).device
     ids, completion = batch["input_ids"].to(device), batch["completion_mask"].to(device)
     logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
-    logprobs = token_logprobs(logits, ids)  # [B, T-1], aligned with ids[:, 1:]
-    mask = completion[:, 1:].float()
-    return (-(logprobs * mask).sum(-1) / mask.sum(-1).clamp_min(1)).tolist()
+    tokens = completion[:, 1:].sum(-1).clamp_min(1)  # the tokens sequence_logprob sums over
+    return (-sequence_logprob(logits, ids, completion) / tokens).tolist()
 
 
 def is_broken(nll: float, response: str, max_nll: float = 4.0, min_distinct: float = 0.3, min_words: int = 3) -> bool:

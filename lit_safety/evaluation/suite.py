@@ -148,7 +148,7 @@ class SafetyEvaluation(nn.Module):
         """Compute every metric (synchronised across ranks) into the report schema and reset."""
         out: dict = {"asr": {}, "refusal": {}, "gibberish": {}, "benign_accuracy": {}, "over_refusal": {},
                      "benign_kl": {}, "budgets": {a.name: a.describe() for a in self.attacks}, "judge": self.judge_name,
-               "attack_seconds": {name: round(t, 1) for name, t in self.seconds.items()}}
+                     "attack_seconds": {name: round(t, 1) for name, t in self.seconds.items()}}
         for key, metric in self.metrics.items():
             name, split = key.split("|")
             value = metric.compute()

@@ -23,6 +23,7 @@ REFUSAL = "I'm sorry, but I can't help with that."
 TARGET_WORDS = 6  # an attack's target: the first words of the base model's harmful answer
 KINDS = {"harmful": requests.HARMFUL, "benign": {"everyday": requests.BENIGN},
          "borderline": {"borderline": requests.BORDERLINE}}
+NAMES = [f"{kind}_{split}" for kind in KINDS for split in ("train", "test")]  # one JSONL file each
 
 
 def split_of(index: int) -> str:
@@ -70,7 +71,7 @@ def _generate(model_name: str, max_new_tokens: int, batch_size: int) -> dict[str
         for i, text in enumerate(texts)
     ]
     answers = generate(model, formatter, records, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    out: dict[str, list[Record]] = {f"{kind}_{split}": [] for kind in KINDS for split in ("train", "test")}
+    out: dict[str, list[Record]] = {name: [] for name in NAMES}
     for record, answer in zip(records, answers):
         record.completion = answer
         if record.kind == "harmful":
@@ -82,7 +83,6 @@ def _generate(model_name: str, max_new_tokens: int, batch_size: int) -> dict[str
 def dataset_path(name: str) -> str:
     """Resolve ``smollm2:<name>`` (harmful_train, benign_test, ...) to a JSONL file, building the set
     with SmolLM2's answers on first use."""
-    names = [f"{kind}_{split}" for kind in KINDS for split in ("train", "test")]
-    if name not in names:
-        raise FileNotFoundError(f"the SmolLM2 set has no dataset {name!r}; available: {', '.join(names)}")
+    if name not in NAMES:
+        raise FileNotFoundError(f"the SmolLM2 set has no dataset {name!r}; available: {', '.join(NAMES)}")
     return os.path.join(build_dataset(), f"{name}.jsonl")
