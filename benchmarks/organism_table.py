@@ -17,11 +17,9 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, run
+
 METHODS = {
     "base": None,
     "refusal_sft": "configs/refusal_sft.yaml",
@@ -31,15 +29,6 @@ METHODS = {
     "triplet_adv": "configs/triplet_adv.yaml",
 }
 SPLITS = ["train", "heldout_synonym", "heldout_concept", "format_b", "format_c"]
-
-
-def run(args: list[str], log: str) -> float:
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        done = subprocess.run([sys.executable, "-m", "lit_safety", *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode:
-        raise SystemExit(f"`lit_safety {' '.join(args[:3])}` failed; see {log}")
-    return time.perf_counter() - start
 
 
 def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str, reuse: bool = False) -> dict:

@@ -23,11 +23,10 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, run
+
 METHODS = ["base", "refusal_sft", "circuit_breaker", "lat", "triplet"]
 FIDELITY_TOKENS = 32
 HARMFUL_TOKENS = 48
@@ -40,16 +39,9 @@ def train(method: str, work: str, reuse: bool) -> tuple[str, float]:
     if reuse and os.path.isfile(timing) and os.path.isdir(adapter):
         with open(timing) as f:
             return adapter, json.load(f)["seconds"]
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        done = subprocess.run(
-            [sys.executable, "-m", "lit_safety", "fit", "--config", f"configs/smollm2/{method}.yaml",
-             "--trainer.logger.init_args.save_dir", work, "--trainer.logger.init_args.name", method,
-             "--trainer.logger.init_args.version", "run", "--trainer.enable_progress_bar=false"],
-            cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode:
-        raise SystemExit(f"training {method} failed; see {log}")
-    seconds = time.perf_counter() - start
+    seconds = run(["fit", "--config", f"configs/smollm2/{method}.yaml", "--trainer.logger.init_args.save_dir", work,
+                   "--trainer.logger.init_args.name", method, "--trainer.logger.init_args.version", "run",
+                   "--trainer.enable_progress_bar=false"], log)
     with open(timing, "w") as f:
         json.dump({"seconds": seconds}, f)
     return adapter, seconds
