@@ -15,12 +15,11 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lit_safety.named import MODEL_RESOLVERS
+
 Quantization = Literal["4bit", "8bit"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
-# Model names that are not paths or hub ids: prefix -> function(variant or None) -> local path.
-# The organism registers itself here; other named models (e.g. GGUF files shipped in packages) too.
-MODEL_RESOLVERS: dict[str, Callable[[str | None], str]] = {}
 
 
 class BackboneError(ValueError):
@@ -32,28 +31,16 @@ def register_model_resolver(prefix: str, resolver: Callable[[str | None], str]) 
     MODEL_RESOLVERS[prefix] = resolver
 
 
-def _register_builtin_resolvers() -> None:
-    # Imported lazily so that loading a hub model never imports the organism machinery.
-    if "organism" not in MODEL_RESOLVERS:
-        from lit_safety.organism import model_dir
-
-        register_model_resolver("organism", model_dir)
-    if "smollm2" not in MODEL_RESOLVERS:
-        from lit_safety.smollm2 import model_path
-
-        register_model_resolver("smollm2", model_path)
-
-
 def resolve_model(name: str) -> tuple[str, dict]:
     """Turn a model name into ``(path_or_hub_id, extra from_pretrained kwargs)``.
 
     Accepted names: a registered name such as ``organism``, ``organism:backdoor`` or ``smollm2``; a
     local Hugging Face directory; a ``.gguf`` file (loaded through transformers' GGUF support); a hub id.
     """
-    _register_builtin_resolvers()
     prefix, _, variant = name.partition(":")
-    if prefix in MODEL_RESOLVERS and not os.path.exists(name):
-        name = MODEL_RESOLVERS[prefix](variant or None)
+    resolver = MODEL_RESOLVERS.resolver(prefix)
+    if resolver is not None and not os.path.exists(name):
+        name = resolver(variant or None)
         if not name.endswith(".gguf"):
             return name, {}
     if name.endswith(".gguf"):

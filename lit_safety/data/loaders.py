@@ -14,14 +14,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from lit_safety.data.records import KINDS, DataError, Record, parse_record
-
-# Named datasets: prefix -> function(name) -> local file path ("organism:NAME", "smollm2:NAME").
-DATASET_RESOLVERS: dict[str, Callable[[str], str]] = {}
+from lit_safety.named import DATASET_RESOLVERS
 
 FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -102,7 +100,7 @@ def _rows_hub(source: DataSource) -> Iterator[tuple[str, Any]]:
     except Exception as e:  # noqa: BLE001 - the hub raises many types; all mean "cannot load"
         raise DataError(
             f"data source {source.path!r} is neither a local file ({', '.join(FILE_FORMATS)}), a named set "
-            f"({', '.join(f'{p}:NAME' for p in DATASET_RESOLVERS) or 'none registered'}), nor a loadable "
+            f"({', '.join(f'{p}:NAME' for p in DATASET_RESOLVERS.prefixes()) or 'none registered'}), nor a loadable "
             f"Hugging Face dataset: {e}"
         ) from None
     for index, row in enumerate(dataset):
@@ -110,18 +108,11 @@ def _rows_hub(source: DataSource) -> Iterator[tuple[str, Any]]:
 
 
 def _resolve_named(path: str) -> str | None:
-    if "organism" not in DATASET_RESOLVERS:
-        from lit_safety.organism import dataset_path
-
-        DATASET_RESOLVERS["organism"] = dataset_path
-    if "smollm2" not in DATASET_RESOLVERS:
-        from lit_safety.smollm2 import dataset_path as smollm2_path
-
-        DATASET_RESOLVERS["smollm2"] = smollm2_path
     prefix, sep, name = path.partition(":")
-    if sep and prefix in DATASET_RESOLVERS:
+    resolver = DATASET_RESOLVERS.resolver(prefix) if sep else None
+    if resolver is not None:
         try:
-            return DATASET_RESOLVERS[prefix](name)
+            return resolver(name)
         except (FileNotFoundError, ValueError) as e:  # unknown name, or the named model is missing
             raise DataError(f"data source {path!r}: {e}") from None
     return None
