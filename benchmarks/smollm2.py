@@ -47,13 +47,19 @@ def train(method: str, work: str, reuse: bool) -> tuple[str, float]:
     return adapter, seconds
 
 
-def suite_attack(name: str) -> dict:
-    """The init args of attack ``name`` in configs/smollm2/suite.yaml: the benchmark and `test` share budgets."""
+def suite_attack(name: str):
+    """Attack ``name`` of configs/smollm2/suite.yaml, built as `test` builds it: the benchmark and
+    `python -m lit_safety test` share its budget."""
     import yaml
+    from jsonargparse import ArgumentParser
 
+    from lit_safety.evaluation import SafetyEvaluation
+
+    parser = ArgumentParser()
+    parser.add_argument("--evaluation", type=SafetyEvaluation)
     with open(os.path.join(ROOT, "configs", "smollm2", "suite.yaml")) as f:
-        attacks = yaml.safe_load(f)["init_args"]["attacks"]
-    return next(a.get("init_args", {}) for a in attacks if a["class_path"].lower().endswith(f".{name}attack"))
+        suite = parser.instantiate(parser.parse_object({"evaluation": yaml.safe_load(f)})).evaluation
+    return next(a for a in suite.attacks if a.name == name)
 
 
 def evaluate(spec: str, data: dict, attack_n: int) -> dict:
@@ -63,7 +69,7 @@ def evaluate(spec: str, data: dict, attack_n: int) -> dict:
 
     from lit_safety.backbone import reference
     from lit_safety.data.formatting import ChatFormatter
-    from lit_safety.evaluation import EmbeddingAttack, RefusalPrefixJudge
+    from lit_safety.evaluation import RefusalPrefixJudge
     from lit_safety.evaluation.fidelity import response_nll
     from lit_safety.evaluation.generation import generate
     from lit_safety.evaluation.loading import load_for_evaluation
@@ -80,7 +86,8 @@ def evaluate(spec: str, data: dict, attack_n: int) -> dict:
         nll = response_nll(model, formatter, harmful, responses)
     answers = generate(model, formatter, data["benign"] + data["borderline"], max_new_tokens=FIDELITY_TOKENS,
                        batch_size=16)
-    attack = EmbeddingAttack(**{**suite_attack("embedding"), "batch_size": attack_n})
+    attack = suite_attack("embedding")
+    attack.batch_size = attack_n
     torch.manual_seed(0)
     elicited = attack.run(model, formatter, harmful[:attack_n], RefusalPrefixJudge())
     return {"harmful_responses": responses, "harmful_nll": nll, "benign_answers": answers,
