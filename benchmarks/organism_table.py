@@ -5,18 +5,23 @@ same suite (configs/suite.yaml). Writes benchmarks/results/organism_table.{json,
     python benchmarks/organism_table.py --seeds 3 --n 100
 
 Each method is one training config; "base" is the aligned organism with fresh adapters. Seeds vary
-the adapter initialisation and the data order. Figures are means over seeds with their spread
+the adapter initialisation and the data order. The methods of one seed run side by side, ``--jobs``
+at a time with the cores split between them (on 2 cores, two single-threaded runs finish the table
+sooner than one run on two threads: the organism's matrices are too small to keep two threads busy);
+the wall time of each seed's whole table is reported. Figures are means over seeds with their spread
 (min-max), and every ASR cell keeps its per-seed values and Wilson intervals in the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import glob
 import json
 import os
 import shutil
 import statistics
+import time
 
 from common import ROOT, run
 
@@ -31,7 +36,8 @@ METHODS = {
 SPLITS = ["train", "heldout_synonym", "heldout_concept", "format_b", "format_c"]
 
 
-def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str, reuse: bool = False) -> dict:
+def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str, reuse: bool = False,
+                    threads: int | None = None) -> dict:
     saved = os.path.join(work, f"{name}_seed{seed}_result.json")
     if reuse and os.path.isfile(saved):
         with open(saved) as f:
@@ -45,10 +51,10 @@ def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str,
         train_seconds = run(["fit", "--config", config, "--seed_everything", str(seed), f"--data.init_args.seed={seed}",
                              *logger, "--trainer.logger.init_args.name", name,
                              "--trainer.logger.init_args.version", f"seed{seed}"],
-                            os.path.join(work, f"{name}_seed{seed}_fit.log"))
+                            os.path.join(work, f"{name}_seed{seed}_fit.log"), threads)
         (checkpoint,) = glob.glob(os.path.join(work, name, f"seed{seed}", "checkpoints", "*.ckpt"))
         test += ["--ckpt_path", checkpoint]
-    eval_seconds = run(test, os.path.join(work, f"{name}_seed{seed}_test.log"))
+    eval_seconds = run(test, os.path.join(work, f"{name}_seed{seed}_test.log"), threads)
     with open(os.path.join(work, f"{name}_test", f"seed{seed}", "eval_results.json")) as f:
         results = {**json.load(f), "train_seconds": train_seconds, "eval_seconds": eval_seconds, "n": n}
     with open(saved, "w") as f:
@@ -89,7 +95,7 @@ def cell(summary: dict | None) -> str:
     return f"{summary['mean']:.2f}{spread}"
 
 
-def markdown(table: dict, budgets: dict, seeds: int, n: int) -> str:
+def markdown(table: dict, budgets: dict, seeds: int, n: int, seed_seconds: list[float], jobs: int) -> str:
     attacks = list(next(iter(table.values()))["asr"])
     lines = [f"ASR (exact judge) per attack and split; {n} behaviours per split, {seeds} seed(s), mean (min-max).", ""]
     for attack in attacks:
@@ -106,7 +112,10 @@ def markdown(table: dict, budgets: dict, seeds: int, n: int) -> str:
             f"| {method} | {cell(acc['A'])} | {cell(acc['B'])} | {cell(acc['C'])} | {row['benign_kl']['A']['mean']:.4f} | "
             f"{cell(row['over_refusal']['borderline'])} | {cell(acc['borderline'])} | "
             f"{cell(row['gibberish']['prefill']['train'])} | {row['train_seconds']['mean']:.0f} | {row['eval_seconds']['mean']:.0f} |")
-    lines += ["", "Attack budgets (configs/suite.yaml):", "", "```json", json.dumps(budgets, indent=1), "```", ""]
+    walls = ", ".join(f"{s / 60:.1f}" for s in seed_seconds)
+    lines += ["", f"Wall time of the whole table per seed: {walls} min ({jobs} methods side by side; "
+              "train s and eval s are each method's own wall times, measured while another method ran).",
+              "", "Attack budgets (configs/suite.yaml):", "", "```json", json.dumps(budgets, indent=1), "```", ""]
     return "\n".join(lines)
 
 
@@ -143,23 +152,36 @@ def main() -> None:
                         help="log directories of every run (not committed)")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse finished (method, seed) results found in --work instead of re-running them")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="methods trained and attacked side by side, each with cores/jobs threads (default 2)")
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
     per_seed: dict[str, list[dict]] = {}
+    seed_seconds: list[float] = []
+    # Trained methods first: the untrained base is the shortest job and fills the last gap.
+    order = sorted(args.methods, key=lambda m: METHODS[m] is None)
     for seed in range(args.seeds):
-        for method in args.methods:
-            result = evaluate_method(method, METHODS[method], seed, args.n, args.work, args.reuse)
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            futures = {m: pool.submit(evaluate_method, m, METHODS[m], seed, args.n, args.work, args.reuse, threads)
+                       for m in order}
+            results = {m: futures[m].result() for m in args.methods}
+        seed_seconds.append(time.perf_counter() - start)
+        for method, result in results.items():
             if result["n"] != args.n:
                 raise SystemExit(f"{method} seed {seed} in {args.work} was measured with n={result['n']}, not {args.n}")
             per_seed.setdefault(method, []).append(result)
             print(f"seed {seed} {method}: train {result['train_seconds']:.0f} s, eval {result['eval_seconds']:.0f} s",
                   flush=True)
+        print(f"seed {seed}: the whole table in {seed_seconds[-1]:.0f} s ({args.jobs} jobs)", flush=True)
     table = aggregate(per_seed)
     budgets = next(iter(per_seed.values()))[0]["budgets"]
-    out = {"seeds": args.seeds, "n": args.n, "budgets": budgets, "methods": table}
+    out = {"seeds": args.seeds, "n": args.n, "jobs": args.jobs, "seed_wall_seconds": seed_seconds,
+           "budgets": budgets, "methods": table}
     with open(os.path.join(args.out, "organism_table.json"), "w") as f:
         json.dump(out, f, indent=1)
-    text = markdown(table, budgets, args.seeds, args.n)
+    text = markdown(table, budgets, args.seeds, args.n, seed_seconds, args.jobs)
     with open(os.path.join(args.out, "organism_table.md"), "w") as f:
         f.write(text)
     plot(table, os.path.join(args.out, "organism_table.png"))
