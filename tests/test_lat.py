@@ -135,3 +135,17 @@ def test_rmu_steers_only_the_chosen_positions(batch, positions):
     mask = harmful["attention_mask"] if positions == "all" else harmful["completion_mask"]
     expected = rmu_forget_loss(states, module.control, mask)
     assert terms["loss_attacked"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_sparse_adversary_perturbs_k_positions_inside_the_mask():
+    from lit_safety.methods.targeted_lat import _sample_positions
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[True, True, True, True, False], [False, True, False, False, False]])
+    draws = [_sample_positions(mask, 2) for _ in range(20)]
+    for kept in draws:
+        assert kept[0].sum() == 2 and kept[1].sum() == 1  # a row with fewer positions keeps all it has
+        assert not (kept & ~mask).any()
+    assert len({tuple(k[0].tolist()) for k in draws}) > 1  # redrawn each time
+    with pytest.raises(ValueError, match="adversary_tokens must be >= 1"):
+        TargetedLATModule(adversary_tokens=0)

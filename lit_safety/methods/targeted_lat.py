@@ -45,6 +45,13 @@ def _pad_to(mask: Tensor, length: int) -> Tensor:
     return torch.nn.functional.pad(mask, (0, length - mask.shape[1]))
 
 
+def _sample_positions(mask: Tensor, k: int) -> Tensor:
+    """Keep ``k`` positions of each row of ``mask``, drawn uniformly (all of them if a row has fewer)."""
+    scores = torch.rand(mask.shape, device=mask.device).masked_fill(~mask, -1.0)
+    keep = scores.topk(min(k, mask.shape[1]), dim=1).indices
+    return mask & torch.zeros_like(mask).scatter(1, keep, True)
+
+
 class TargetedLATModule(SafetyModule):
     """Targeted latent adversarial training for jailbreaks, backdoors and unlearning.
 
@@ -58,6 +65,9 @@ class TargetedLATModule(SafetyModule):
         adversary_lr: inner-loop Adam step as a fraction of epsilon (a step moves each perturbed
             token by about adversary_lr * epsilon, whatever the model width).
         adversary_positions: positions perturbed: "prompt" or "all" (prompt and completion).
+        adversary_tokens: perturb only this many positions per example, drawn at random from
+            ``adversary_positions`` at every step (default: all of them). A sparse adversary models a
+            short trigger: it can rewrite a token or two without rewriting the whole request.
         adversary_toward: adversary weight of toward(harmful completion).
         adversary_away: adversary weight of away(refusal).
         model_toward: model weight of toward(refusal) (objectives refusal and dpo).
@@ -85,6 +95,7 @@ class TargetedLATModule(SafetyModule):
         adversary_steps: int = 8,
         adversary_lr: float = 0.25,
         adversary_positions: Literal["prompt", "all"] = "prompt",
+        adversary_tokens: int | None = None,
         adversary_toward: float = 1.0,
         adversary_away: float = 1.0,
         model_toward: float = 1.0,
@@ -102,6 +113,8 @@ class TargetedLATModule(SafetyModule):
         self.save_hyperparameters()
         if epsilon <= 0 or adversary_steps < 0:
             raise ValueError("epsilon must be > 0 and adversary_steps >= 0")
+        if adversary_tokens is not None and adversary_tokens < 1:
+            raise ValueError(f"adversary_tokens must be >= 1 (or unset for every position), got {adversary_tokens}")
         if objective in ("refusal", "dpo"):
             self.stream_fields = {"harmful": ("completion", "refusal"), "benign": ("completion",)}
         self.site_norms: dict | None = None  # measured once, on the reference model
@@ -199,6 +212,8 @@ class TargetedLATModule(SafetyModule):
             mask = _pad_to(harmful["attention_mask"], length)
             if refusal is not None:
                 mask = mask | _pad_to(refusal["attention_mask"], length)
+        if hp.adversary_tokens is not None:
+            mask = _sample_positions(mask, hp.adversary_tokens)
         if self.site_norms is None:
             self._measure(harmful, harmful["prompt_mask"])
 
