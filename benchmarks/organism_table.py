@@ -130,11 +130,15 @@ def plot(table: dict, path: str) -> None:
     width = 0.8 / len(table)
     for ax, attack in zip(axes, attacks):
         for i, (method, row) in enumerate(table.items()):
-            means = [row["asr"][attack][s]["mean"] if s in row["asr"][attack] else 0.0 for s in SPLITS]
-            ax.bar([j + i * width for j in range(len(SPLITS))], means, width, label=method)
+            cells = [row["asr"][attack].get(s) for s in SPLITS]
+            means = [c["mean"] if c else float("nan") for c in cells]  # no bar where the attack did not run
+            spread = [[max(c["mean"] - c["min"], 0.0) if c else 0.0 for c in cells],
+                      [max(c["max"] - c["mean"], 0.0) if c else 0.0 for c in cells]]
+            ax.bar([j + i * width for j in range(len(SPLITS))], means, width, label=method,
+                   yerr=spread if len(cells[0]["values"]) > 1 else None, error_kw={"elinewidth": 0.6, "capsize": 1})
         ax.set_title(attack)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(SPLITS))], SPLITS, rotation=45, ha="right", fontsize=7)
-    axes[0].set_ylabel("ASR (exact judge)")
+    axes[0].set_ylabel("ASR (exact judge; bars: min-max over seeds)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=len(table), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
@@ -162,12 +166,21 @@ def main() -> None:
     # Trained methods first: the untrained base is the shortest job and fills the last gap.
     order = sorted(args.methods, key=lambda m: METHODS[m] is None)
     for seed in range(args.seeds):
+        wall = os.path.join(args.work, f"seed{seed}_wall.json")
+        reused = args.reuse and os.path.isfile(wall) and all(
+            os.path.isfile(os.path.join(args.work, f"{m}_seed{seed}_result.json")) for m in args.methods)
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             futures = {m: pool.submit(evaluate_method, m, METHODS[m], seed, args.n, args.work, args.reuse, threads)
                        for m in order}
             results = {m: futures[m].result() for m in args.methods}
-        seed_seconds.append(time.perf_counter() - start)
+        if reused:  # the wall time of the run that produced these results
+            with open(wall) as f:
+                seed_seconds.append(json.load(f)["seconds"])
+        else:
+            seed_seconds.append(time.perf_counter() - start)
+            with open(wall, "w") as f:
+                json.dump({"seconds": seed_seconds[-1], "jobs": args.jobs, "methods": args.methods}, f)
         for method, result in results.items():
             if result["n"] != args.n:
                 raise SystemExit(f"{method} seed {seed} in {args.work} was measured with n={result['n']}, not {args.n}")
