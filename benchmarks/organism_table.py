@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import glob
 import json
 import os
@@ -95,7 +96,7 @@ def cell(summary: dict | None) -> str:
     return f"{summary['mean']:.2f}{spread}"
 
 
-def markdown(table: dict, budgets: dict, seeds: int, n: int, seed_seconds: list[float], jobs: int) -> str:
+def markdown(table: dict, budgets: dict, seeds: int, n: int, seed_seconds: list[float | None], jobs: int) -> str:
     attacks = list(next(iter(table.values()))["asr"])
     lines = [f"ASR (exact judge) per attack and split; {n} behaviours per split, {seeds} seed(s), mean (min-max).", ""]
     for attack in attacks:
@@ -112,9 +113,10 @@ def markdown(table: dict, budgets: dict, seeds: int, n: int, seed_seconds: list[
             f"| {method} | {cell(acc['A'])} | {cell(acc['B'])} | {cell(acc['C'])} | {row['benign_kl']['A']['mean']:.4f} | "
             f"{cell(row['over_refusal']['borderline'])} | {cell(acc['borderline'])} | "
             f"{cell(row['gibberish']['prefill']['train'])} | {row['train_seconds']['mean']:.0f} | {row['eval_seconds']['mean']:.0f} |")
-    walls = ", ".join(f"{s / 60:.1f}" for s in seed_seconds)
-    lines += ["", f"Wall time of the whole table per seed: {walls} min ({jobs} methods side by side; "
-              "train s and eval s are each method's own wall times, measured while another method ran).",
+    walls = ", ".join("n/a" if s is None else f"{s / 60:.1f}" for s in seed_seconds)
+    side = ("; train s and eval s are each method's own wall times, measured while another method ran"
+            if jobs > 1 else "")
+    lines += ["", f"Wall time of the whole table per seed: {walls} min ({jobs} method(s) at a time{side}).",
               "", "Attack budgets (configs/suite.yaml):", "", "```json", json.dumps(budgets, indent=1), "```", ""]
     return "\n".join(lines)
 
@@ -162,32 +164,36 @@ def main() -> None:
     os.makedirs(args.work, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     per_seed: dict[str, list[dict]] = {}
-    seed_seconds: list[float] = []
+    seed_seconds: list[float | None] = []
     # Trained methods first: the untrained base is the shortest job and fills the last gap.
     order = sorted(args.methods, key=lambda m: METHODS[m] is None)
     for seed in range(args.seeds):
         wall = os.path.join(args.work, f"seed{seed}_wall.json")
-        reused = args.reuse and os.path.isfile(wall) and all(
-            os.path.isfile(os.path.join(args.work, f"{m}_seed{seed}_result.json")) for m in args.methods)
+        reused = [m for m in args.methods
+                  if args.reuse and os.path.isfile(os.path.join(args.work, f"{m}_seed{seed}_result.json"))]
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             futures = {m: pool.submit(evaluate_method, m, METHODS[m], seed, args.n, args.work, args.reuse, threads)
                        for m in order}
             results = {m: futures[m].result() for m in args.methods}
-        if reused:  # the wall time of the run that produced these results
-            with open(wall) as f:
-                seed_seconds.append(json.load(f)["seconds"])
-        else:
+        if not reused:
             seed_seconds.append(time.perf_counter() - start)
             with open(wall, "w") as f:
                 json.dump({"seconds": seed_seconds[-1], "jobs": args.jobs, "methods": args.methods}, f)
+        else:  # the time of the run that produced them, if it ran these methods and nothing else
+            saved: dict = {}
+            with contextlib.suppress(FileNotFoundError), open(wall) as f:
+                saved = json.load(f)
+            same = len(reused) == len(args.methods) and saved.get("methods") == args.methods
+            seed_seconds.append(saved["seconds"] if same else None)
         for method, result in results.items():
             if result["n"] != args.n:
                 raise SystemExit(f"{method} seed {seed} in {args.work} was measured with n={result['n']}, not {args.n}")
             per_seed.setdefault(method, []).append(result)
             print(f"seed {seed} {method}: train {result['train_seconds']:.0f} s, eval {result['eval_seconds']:.0f} s",
                   flush=True)
-        print(f"seed {seed}: the whole table in {seed_seconds[-1]:.0f} s ({args.jobs} jobs)", flush=True)
+        if seed_seconds[-1] is not None:
+            print(f"seed {seed}: the whole table in {seed_seconds[-1]:.0f} s ({args.jobs} jobs)", flush=True)
     table = aggregate(per_seed)
     budgets = next(iter(per_seed.values()))[0]["budgets"]
     out = {"seeds": args.seeds, "n": args.n, "jobs": args.jobs, "seed_wall_seconds": seed_seconds,
