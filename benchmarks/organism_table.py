@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import glob
 import json
 import os
@@ -37,9 +36,13 @@ METHODS = {
 SPLITS = ["train", "heldout_synonym", "heldout_concept", "format_b", "format_c"]
 
 
+def result_path(work: str, name: str, seed: int) -> str:
+    return os.path.join(work, f"{name}_seed{seed}_result.json")
+
+
 def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str, reuse: bool = False,
                     threads: int | None = None) -> dict:
-    saved = os.path.join(work, f"{name}_seed{seed}_result.json")
+    saved = result_path(work, name, seed)
     if reuse and os.path.isfile(saved):
         with open(saved) as f:
             return json.load(f)
@@ -136,8 +139,9 @@ def plot(table: dict, path: str) -> None:
             means = [c["mean"] if c else float("nan") for c in cells]  # no bar where the attack did not run
             spread = [[max(c["mean"] - c["min"], 0.0) if c else 0.0 for c in cells],
                       [max(c["max"] - c["mean"], 0.0) if c else 0.0 for c in cells]]
+            seeds = len(row["train_seconds"]["values"])  # every row has it, whichever splits an attack ran on
             ax.bar([j + i * width for j in range(len(SPLITS))], means, width, label=method,
-                   yerr=spread if len(cells[0]["values"]) > 1 else None, error_kw={"elinewidth": 0.6, "capsize": 1})
+                   yerr=spread if seeds > 1 else None, error_kw={"elinewidth": 0.6, "capsize": 1})
         ax.set_title(attack)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(SPLITS))], SPLITS, rotation=45, ha="right", fontsize=7)
     axes[0].set_ylabel("ASR (exact judge; bars: min-max over seeds)")
@@ -169,8 +173,7 @@ def main() -> None:
     order = sorted(args.methods, key=lambda m: METHODS[m] is None)
     for seed in range(args.seeds):
         wall = os.path.join(args.work, f"seed{seed}_wall.json")
-        reused = [m for m in args.methods
-                  if args.reuse and os.path.isfile(os.path.join(args.work, f"{m}_seed{seed}_result.json"))]
+        reused = [m for m in args.methods if args.reuse and os.path.isfile(result_path(args.work, m, seed))]
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             futures = {m: pool.submit(evaluate_method, m, METHODS[m], seed, args.n, args.work, args.reuse, threads)
@@ -180,12 +183,13 @@ def main() -> None:
             seed_seconds.append(time.perf_counter() - start)
             with open(wall, "w") as f:
                 json.dump({"seconds": seed_seconds[-1], "jobs": args.jobs, "methods": args.methods}, f)
-        else:  # the time of the run that produced them, if it ran these methods and nothing else
-            saved: dict = {}
-            with contextlib.suppress(FileNotFoundError), open(wall) as f:
+        elif len(reused) == len(args.methods) and os.path.isfile(wall):
+            with open(wall) as f:
                 saved = json.load(f)
-            same = len(reused) == len(args.methods) and saved.get("methods") == args.methods
-            seed_seconds.append(saved["seconds"] if same else None)
+            # the time of the run that produced these results, if it ran these methods and nothing else
+            seed_seconds.append(saved["seconds"] if saved["methods"] == args.methods else None)
+        else:
+            seed_seconds.append(None)  # partly reused: no whole-table time
         for method, result in results.items():
             if result["n"] != args.n:
                 raise SystemExit(f"{method} seed {seed} in {args.work} was measured with n={result['n']}, not {args.n}")

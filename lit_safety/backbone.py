@@ -21,7 +21,6 @@ Quantization = Literal["4bit", "8bit"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-
 class BackboneError(ValueError):
     """A model, tokenizer or layer specification that cannot be used."""
 
