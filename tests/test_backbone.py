@@ -118,10 +118,15 @@ def test_missing_local_model_is_a_clear_error(tmp_path):
         backbone.resolve_model(str(tmp_path / "model.gguf"))
 
 
-def test_qlora_4bit_trains_a_step_on_cpu(tiny_model_dir):
+def test_qlora_4bit_trains_a_step_on_cpu(tmp_path):
     import bitsandbytes  # noqa: F401
 
-    model = backbone.add_lora(backbone.load_causal_lm(tiny_model_dir, quantization="4bit"), rank=4)
+    from conftest import tiny_llama
+
+    # bitsandbytes' CPU 4-bit kernel packs rows in blocks of 32 and inputs in quantization blocks of
+    # 64, as every real model's dimensions allow.
+    tiny_llama(tmp_path, vocab_size=32, hidden=64)
+    model = backbone.add_lora(backbone.load_causal_lm(str(tmp_path), quantization="4bit"), rank=4)
     assert type(backbone.decoder_layers(model)[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
     trainable = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in trainable]
