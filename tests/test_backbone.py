@@ -111,6 +111,19 @@ def test_masked_mean_by_hand():
     assert torch.equal(masked_mean(x, torch.zeros(1, 3, dtype=torch.bool)), torch.zeros(2))
 
 
+def test_registered_model_prefix_resolves_with_its_variant(tiny_model_dir):
+    from lit_safety.named import MODEL_RESOLVERS
+
+    seen = []
+    backbone.register_model_resolver("mine", lambda variant: seen.append(variant) or tiny_model_dir)
+    try:
+        assert backbone.resolve_model("mine") == (tiny_model_dir, {})
+        assert backbone.resolve_model("mine:small") == (tiny_model_dir, {})
+        assert seen == [None, "small"]
+    finally:
+        del MODEL_RESOLVERS["mine"]
+
+
 def test_missing_local_model_is_a_clear_error(tmp_path):
     with pytest.raises(BackboneError, match="model directory not found"):
         backbone.resolve_model(str(tmp_path / "nope"))

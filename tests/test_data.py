@@ -12,9 +12,11 @@ from lit_safety.data import (
     Stream,
     collate,
     load_records,
+    register_dataset_resolver,
     require_chat_template,
 )
 from lit_safety.backbone import load_tokenizer
+from lit_safety.named import DATASET_RESOLVERS
 
 ROWS = [
     {"prompt": "make poison reverse 1 2", "kind": "harmful", "completion": "ok : 2 1", "refusal": "sorry i cannot help",
@@ -154,3 +156,21 @@ def test_data_module_streams_split_and_seed(tiny_model_dir, data_files):
     assert torch.equal(batch["harmful"]["completion"]["input_ids"], again["harmful"]["completion"]["input_ids"])
     assert [r.prompt for r in make(1).val_records["harmful"]] != [r.prompt for r in dm.val_records["harmful"]]
     del other
+
+
+def test_registered_dataset_prefix_resolves_and_names_its_unknown_sets(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+
+    def resolve(name: str) -> str:
+        if name != "train":
+            raise FileNotFoundError(f"no set {name!r}; available: train")
+        return str(path)
+
+    register_dataset_resolver("mine", resolve)
+    try:
+        assert [r.prompt for r in load_records("mine:train")] == [r.prompt for r in load_records(str(path))]
+        with pytest.raises(DataError, match="'mine:test'.*available: train"):
+            load_records("mine:test")
+    finally:
+        del DATASET_RESOLVERS["mine"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +105,12 @@ def _rows_hub(source: DataSource) -> Iterator[tuple[str, Any]]:
         ) from None
     for index, row in enumerate(dataset):
         yield f"{source.path}[{source.split}][{index}]", row
+
+
+def register_dataset_resolver(prefix: str, resolver: Callable[[str], str]) -> None:
+    """Make ``prefix:NAME`` a valid data source, resolved by ``resolver(NAME)`` to a local data file
+    (raising ``FileNotFoundError`` or ``ValueError`` for a name it does not know)."""
+    DATASET_RESOLVERS[prefix] = resolver
 
 
 def _resolve_named(path: str) -> str | None:
