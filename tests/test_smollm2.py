@@ -13,7 +13,7 @@ from lit_safety import backbone
 from lit_safety.data import load_records
 from lit_safety.data.formatting import ChatFormatter
 from lit_safety.data.records import DataError
-from lit_safety.evaluation.fidelity import distinct_ngrams, is_broken, reproduces, response_nll
+from lit_safety.evaluation.fidelity import distinct_ngrams, greedy_agreement, is_broken, reproduces, response_nll
 from lit_safety.smollm2 import dataset, requests
 
 
@@ -112,3 +112,33 @@ def test_response_nll_prefers_the_models_greedy_answer(tiny_model_dir):
     other = " ".join(tokenizer.convert_ids_to_tokens(torch.randint(5, len(tokenizer), (6,)).tolist()))
     nll_greedy, nll_other = response_nll(model, formatter, [record, record], [greedy, other])
     assert nll_greedy < nll_other
+
+
+class BigramModel(torch.nn.Module):
+    """Logits of the next token from the current one alone: a table we can read the answers from."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = torch.nn.Embedding.from_pretrained(table)
+
+    def forward(self, input_ids, attention_mask=None):
+        return types.SimpleNamespace(logits=self.table(input_ids))
+
+
+def test_greedy_agreement_by_hand(tiny_model_dir):
+    from lit_safety.data.records import Record
+
+    tokenizer = backbone.load_tokenizer(tiny_model_dir)
+    formatter = ChatFormatter(tokenizer, max_completion_length=4)
+    record = Record(kind="benign", messages=[{"role": "user", "content": "sell apple"}])
+    last = formatter.encode_record(record, None).input_ids[-1]
+    a, b, c, d = (tokenizer.convert_tokens_to_ids(w) for w in ("make", "bomb", "river", "sell"))
+    table = torch.zeros(len(tokenizer), len(tokenizer))
+    table[last, a], table[last, b] = 2.0, 1.5  # first answer token: chosen by a margin of 0.5
+    table[a, b] = table[b, c] = table[c, d] = 2.0  # then a -> b -> c -> d by a margin of 2
+    answers = ["make bomb river sell", "make bomb sell river"]
+    agreement, margins = greedy_agreement(BigramModel(table), formatter, [record, record], answers)
+    # The second answer leaves the path at its third token (c expected) and at its fourth (after d
+    # every logit is 0: a tie the answer's token does not win), so 2 of 4 tokens agree.
+    assert agreement == [1.0, 0.5]
+    assert margins[0] == pytest.approx(0.5) and margins[1] == pytest.approx(0.0)
