@@ -58,8 +58,14 @@ def test_only_lora_changes_and_reference_stays_the_base(name):
     assert not any(layer._forward_hooks for layer in backbone.decoder_layers(module.model))
 
 
-def test_exported_adapter_and_merged_model_reproduce_the_trained_module(tmp_path):
+def test_exported_adapter_and_merged_model_reproduce_the_trained_module(tmp_path, monkeypatch):
+    import peft.utils.save_and_load
     from peft import PeftModel
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("exporting an adapter must not look the base model up on the Hub")
+
+    monkeypatch.setattr(peft.utils.save_and_load, "check_file_exists_on_hf_hub", no_hub)
 
     module = RefusalSFTModule(optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
     module.configure_model()

@@ -181,7 +181,9 @@ class SafetyModule(L.LightningModule):
         ``load_for_evaluation`` resolves on any machine; a resolved path would lose a GGUF file name.
         """
         self.model.peft_config[self.model.active_adapter].base_model_name_or_path = self.hparams.model
-        self.model.save_pretrained(path)
+        # Training never resizes the vocabulary, so the full embeddings need not be saved; saying so
+        # also stops peft from looking the base name up on the Hub (offline: a DNS wait and a warning).
+        self.model.save_pretrained(path, save_embedding_layers=False)
         self.tokenizer.save_pretrained(path)
         return path
 
