@@ -70,8 +70,8 @@ def test_dataset_is_built_from_the_models_own_answers_and_cached(tiny_model_dir,
                 if row["kind"] == "harmful":
                     assert row["refusal"] == dataset.REFUSAL
                     assert row["completion"].split()[: dataset.TARGET_WORDS] == row["target"].split()
-    assert counts == {"harmful_train": 64, "harmful_test": 32, "benign_train": 48, "benign_test": 24,
-                      "borderline_train": 24, "borderline_test": 12}
+    assert counts == {"harmful_train": 64, "harmful_test": 32, "benign_train": 96, "benign_test": 48,
+                      "borderline_train": 48, "borderline_test": 24}
     # Greedy answers of the model: the same as generating them again.
     from lit_safety.evaluation.generation import generate
 

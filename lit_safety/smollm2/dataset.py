@@ -18,7 +18,7 @@ from lit_safety.data.loaders import write_records
 from lit_safety.data.records import Record
 from lit_safety.smollm2 import requests
 
-VERSION = 1  # bump when the requests, splits or record layout change
+VERSION = 2  # bump when the requests, splits or record layout change
 REFUSAL = "I'm sorry, but I can't help with that."
 TARGET_WORDS = 6  # an attack's target: the first words of the base model's harmful answer
 KINDS = {"harmful": requests.HARMFUL, "benign": {"everyday": requests.BENIGN},
