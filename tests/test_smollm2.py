@@ -49,8 +49,10 @@ def test_unknown_smollm2_dataset_is_a_clear_error():
 
 
 def test_requests_are_unique_and_split_per_category():
-    texts = [t for kind in dataset.KINDS.values() for group in kind.values() for t in group]
+    texts = [text for _, _, text, _ in dataset.all_requests()]
     assert len(texts) == len(set(texts))
+    dev = {(kind, category) for kind, category, _, split in dataset.all_requests() if split == "dev"}
+    assert dev == {(kind, category) for kind, category, _, split in dataset.all_requests() if split == "test"}
     for category, group in requests.HARMFUL.items():
         test = [t for i, t in enumerate(group) if dataset.split_of(i) == "test"]
         assert len(test) == len(group) // 3, category
@@ -70,8 +72,9 @@ def test_dataset_is_built_from_the_models_own_answers_and_cached(tiny_model_dir,
                 if row["kind"] == "harmful":
                     assert row["refusal"] == dataset.REFUSAL
                     assert row["completion"].split()[: dataset.TARGET_WORDS] == row["target"].split()
-    assert counts == {"harmful_train": 64, "harmful_test": 32, "benign_train": 96, "benign_test": 48,
-                      "borderline_train": 48, "borderline_test": 24}
+    assert counts == {"harmful_train": 64, "harmful_dev": 24, "harmful_test": 32, "benign_train": 96,
+                      "benign_dev": 24, "benign_test": 48, "borderline_train": 48, "borderline_dev": 12,
+                      "borderline_test": 24}
     # Greedy answers of the model: the same as generating them again.
     from lit_safety.evaluation.generation import generate
 
