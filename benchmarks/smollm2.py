@@ -192,6 +192,7 @@ def main() -> None:
     data = {kind: load_records(f"smollm2:{kind}_{args.split}") for kind in ("harmful", "benign", "borderline")}
     order = ["base"] + [m for m in args.methods if m != "base"]
     raw: dict[str, dict] = {}
+    results: dict[str, dict] = {}
     for method in order:
         saved = os.path.join(args.work, f"{method}_{args.split}_raw.json")
         if args.reuse and os.path.isfile(saved):
@@ -203,11 +204,10 @@ def main() -> None:
             raw[method] = {**evaluate(spec, data, args.attack_n, base_answers), "train_seconds": seconds}
             with open(saved, "w") as f:
                 json.dump(raw[method], f)
-        r = summarise(raw[method], data, raw["base"])
+        r = results[method] = summarise(raw[method], data, raw["base"])
         print(f"{method}: refused or broken {r['harmful_refused_or_broken']['rate']:.2f}, benign unchanged "
               f"{r['benign_unchanged_32_tokens']['rate']:.2f}, train {r['train_seconds']:.0f} s, "
               f"eval {r['eval_seconds']:.0f} s", flush=True)
-    results = {m: summarise(raw[m], data, raw["base"]) for m in order}
     stem = os.path.join(args.out, OUTPUT[args.split])
     with open(f"{stem}.json", "w") as f:
         json.dump(results, f, indent=1)
