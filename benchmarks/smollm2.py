@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -74,12 +75,12 @@ def evaluate(spec: str, data: dict, attack_n: int, base_answers: list[str] | Non
     answers for the base), benign KL and the embedding attack's elicited text."""
     import torch
 
+    from lit_safety.artifacts import load_for_evaluation
     from lit_safety.backbone import reference
     from lit_safety.data.formatting import ChatFormatter
     from lit_safety.evaluation import RefusalPrefixJudge
     from lit_safety.evaluation.fidelity import greedy_agreement, response_nll
     from lit_safety.evaluation.generation import generate
-    from lit_safety.evaluation.loading import load_for_evaluation
     from lit_safety.evaluation.suite import benign_kl
 
     start = time.perf_counter()
@@ -95,10 +96,9 @@ def evaluate(spec: str, data: dict, attack_n: int, base_answers: list[str] | Non
     answers = generate(model, formatter, retain, max_new_tokens=FIDELITY_TOKENS, batch_size=16)
     agreement, margins = greedy_agreement(model, ChatFormatter(tokenizer, 128, FIDELITY_TOKENS), retain,
                                           base_answers or answers)
-    attack = suite_attack("embedding")
-    attack.batch_size = attack_n
+    attack = dataclasses.replace(suite_attack("embedding"), batch_size=attack_n)
     torch.manual_seed(0)
-    elicited = attack.run(model, formatter, harmful[:attack_n], RefusalPrefixJudge())
+    elicited = attack.run(model, formatter, harmful[:attack_n], RefusalPrefixJudge()).responses
     return {"harmful_responses": responses, "harmful_nll": nll, "benign_answers": answers,
             "benign_agreement": agreement, "benign_min_margin": margins,
             "benign_kl": float(benign_kl(model, formatter, data["benign"], as_reference)) if adapted else 0.0,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -80,7 +82,7 @@ class ResidualAttack:
         self.bias = torch.zeros(hidden_size, device=device, dtype=dtype, requires_grad=True)
 
     @classmethod
-    def for_model(cls, model, layer: int) -> "ResidualAttack":
+    def for_model(cls, model, layer: int) -> ResidualAttack:
         reference = next(p for p in model.parameters() if p.is_floating_point())
         hidden = model.get_input_embeddings().weight.shape[-1]
         return cls(hidden, layer, reference.device, torch.float32)
@@ -120,11 +122,48 @@ def attack_sites(model, layers: list[int | str]) -> list[tuple[int | str, torch.
     return sites
 
 
+EpsilonScale = Literal["absolute", "reference_norm"]
+
+
+@dataclass
+class LatentBudget:
+    """The budget of an L2-bounded latent adversary; targeted LAT's inner loop and the latent attack
+    of the evaluation suite share it.
+
+    Args:
+        layers: attacked sites: decoder layer indices (negative allowed) and/or "embedding".
+        epsilon: L2 radius of each token's perturbation.
+        epsilon_scale: "absolute" (epsilon as given; LAT's paper: 6 at Llama-3-8B) or
+            "reference_norm" (epsilon times the site's mean activation norm under the reference model,
+            so one setting holds across models of different activation scale).
+        steps: Adam steps.
+        lr: Adam step as a fraction of epsilon (a step moves each perturbed token by about
+            lr * epsilon, whatever the model width).
+    """
+
+    layers: list[int | str] = field(default_factory=lambda: [0])
+    epsilon: float = 1.0
+    epsilon_scale: EpsilonScale = "reference_norm"
+    steps: int = 32
+    lr: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.epsilon <= 0 or self.steps < 0 or self.lr <= 0:
+            raise ValueError(f"a latent adversary needs epsilon > 0, steps >= 0 and lr > 0; got epsilon={self.epsilon}, "
+                             f"steps={self.steps}, lr={self.lr}")
+
+    def radii(self, norms: dict) -> dict:
+        """Per-site radius, given each site's mean activation norm (used by ``reference_norm``)."""
+        return {site: self.epsilon * (float(norms[site]) if self.epsilon_scale == "reference_norm" else 1.0)
+                for site in self.layers}
+
+
 @torch.no_grad()
 def site_norms(model, sites: list[int | str], input_ids: Tensor, attention_mask: Tensor, mask: Tensor) -> dict:
     """Mean per-token activation norm of each site over the masked positions: the unit of
     scale-relative epsilons."""
-    from lit_safety.representations import capture_residuals, masked_mean
+    from lit_safety.losses import masked_mean
+    from lit_safety.representations import capture_residuals
 
     layers = [s for s in sites if s != EMBEDDING]
     resolved = dict(zip(layers, resolve_layers(layers, len(decoder_layers(model)))))

@@ -1,8 +1,11 @@
 """Every loss of the library as a pure function of tensors, citing the equation it implements.
 
-Conventions: ``logits`` [B, T, V] predict the token after each position, so the target of position t
-is ``input_ids[:, t + 1]``; ``mask`` [B, T] marks the *target* tokens that count (e.g. the completion
-mask of a batch). Token-level terms average over every masked token of the batch.
+The mask convention of the whole library, stated once: a mask [B, T] marks tokens of ``input_ids``.
+- A *prediction* loss scores the model's prediction *of* each marked token. ``logits`` [B, T, V]
+  predict the token after each position, so token t is scored with ``logits[:, t - 1]`` and the first
+  token is never scored. Pass the completion mask to score a completion.
+- A *state* loss uses the residual state *at* each marked token (``states[:, t]``).
+Every term averages over all marked tokens of the batch (``masked_mean``).
 """
 
 from __future__ import annotations
@@ -12,20 +15,29 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
+    """Mean of ``x`` over the positions ``mask`` marks (mask broadcast from the left).
+
+    With ``dim=None`` averages over every marked element of the mask's dimensions, keeping trailing
+    feature dimensions. Returns zeros where nothing is marked, instead of NaN.
+    """
+    m = mask.to(x.dtype)
+    while m.dim() < x.dim():
+        m = m.unsqueeze(-1)
+    if dim is None:
+        dim = tuple(range(mask.dim()))
+    return (x * m).sum(dim=dim) / m.sum(dim=dim).clamp_min(1)
+
+
 def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
     """log p(x_{t+1} | x_{<=t}) for every position, shape [B, T-1] (aligned with ``input_ids[:, 1:]``)."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
-def _mean_over(values: Tensor, mask: Tensor) -> Tensor:
-    target = mask[:, 1:].to(values.dtype)
-    return (values * target).sum() / target.sum().clamp_min(1)
-
-
 def toward(logits: Tensor, input_ids: Tensor, mask: Tensor) -> Tensor:
     """Cross-entropy toward the masked tokens: -mean_t log p(y_t) (LAT's "toward" loss, 2407.15549)."""
-    return _mean_over(-token_logprobs(logits, input_ids), mask)
+    return masked_mean(-token_logprobs(logits, input_ids), mask[:, 1:])
 
 
 def away(logits: Tensor, input_ids: Tensor, mask: Tensor) -> Tensor:
@@ -34,20 +46,19 @@ def away(logits: Tensor, input_ids: Tensor, mask: Tensor) -> Tensor:
     Bounded gradient as p -> 1, unlike gradient ascent on the log-likelihood.
     """
     logp = token_logprobs(logits, input_ids).clamp(max=-1e-6)
-    return _mean_over(-torch.log1p(-logp.exp()), mask)
+    return masked_mean(-torch.log1p(-logp.exp()), mask[:, 1:])
 
 
 def kl_divergence(reference_logits: Tensor, logits: Tensor, mask: Tensor, temperature: float = 2.0) -> Tensor:
-    """T^2 * KL(softmax(z_ref / T) || softmax(z / T)), averaged over masked positions.
+    """T^2 * KL(softmax(z_ref / T) || softmax(z / T)) of the predictions of the masked tokens.
 
-    The distillation term of the triplet defense (2506.11938, Sec. 3: L_KL with T = 2); ``mask``
-    marks positions [B, T] whose next-token distributions are compared.
+    The distillation term of the triplet defense (2506.11938, Sec. 3: L_KL with T = 2), a prediction
+    loss: token t is compared through the distributions at position t - 1.
     """
-    log_p_ref = torch.log_softmax(reference_logits.float() / temperature, dim=-1)
-    log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
+    log_p_ref = torch.log_softmax(reference_logits[:, :-1].float() / temperature, dim=-1)
+    log_p = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
     per_position = (log_p_ref.exp() * (log_p_ref - log_p)).sum(-1)
-    m = mask.to(per_position.dtype)
-    return temperature**2 * (per_position * m).sum() / m.sum().clamp_min(1)
+    return temperature**2 * masked_mean(per_position, mask[:, 1:])
 
 
 # ----- triplet defense (arXiv 2506.11938) -------------------------------------------------------------
@@ -91,16 +102,13 @@ def triplet_loss(
     """
     d_p = distance(anchor, positive, positive_distance, mix_weight)
     d_n = distance(anchor, negative, negative_distance, mix_weight)
-    per_token = F.relu(d_p - d_n + margin)
-    m = mask.to(per_token.dtype)
-    return (per_token * m).sum() / m.sum().clamp_min(1)
+    return masked_mean(F.relu(d_p - d_n + margin), mask)
 
 
 # ----- targeted LAT objectives (arXiv 2407.15549) -------------------------------------------------------
 def sequence_logprob(logits: Tensor, input_ids: Tensor, mask: Tensor) -> Tensor:
     """Sum of log p(y_t) over the masked target tokens of each sequence, shape [B]."""
-    target = mask[:, 1:].to(torch.float32)
-    return (token_logprobs(logits, input_ids) * target).sum(-1)
+    return (token_logprobs(logits, input_ids) * mask[:, 1:]).sum(-1)
 
 
 def dpo_loss(
@@ -116,9 +124,7 @@ def dpo_loss(
 def rmu_forget_loss(states: Tensor, control: Tensor, mask: Tensor) -> Tensor:
     """RMU's forget term (Li et al. 2024, WMDP, Eq. 1): mean over masked tokens of ||h' - c u||^2 / D,
     steering forget-data states toward a fixed random direction ``control`` = c u."""
-    per_token = ((states.float() - control) ** 2).mean(-1)
-    m = mask.to(per_token.dtype)
-    return (per_token * m).sum() / m.sum().clamp_min(1)
+    return masked_mean(((states.float() - control) ** 2).mean(-1), mask)
 
 
 def rmu_retain_loss(states: Tensor, reference: Tensor, mask: Tensor) -> Tensor:
@@ -129,14 +135,10 @@ def rmu_retain_loss(states: Tensor, reference: Tensor, mask: Tensor) -> Tensor:
 # ----- circuit breakers / representation rerouting (arXiv 2406.04313) ------------------------------------
 def retain_loss(states: Tensor, reference: Tensor, mask: Tensor) -> Tensor:
     """||h' - h||_2 averaged over masked tokens: keep benign states where they were (RR, Alg. 1)."""
-    per_token = (states.float() - reference.float()).norm(dim=-1)
-    m = mask.to(per_token.dtype)
-    return (per_token * m).sum() / m.sum().clamp_min(1)
+    return masked_mean((states.float() - reference.float()).norm(dim=-1), mask)
 
 
 def reroute_loss(states: Tensor, reference: Tensor, mask: Tensor) -> Tensor:
     """ReLU(cos(h', h)) averaged over masked tokens: make harmful states orthogonal to (or opposite
     of) the reference ones (RR, Alg. 1)."""
-    per_token = F.relu(F.cosine_similarity(states.float(), reference.float(), dim=-1))
-    m = mask.to(per_token.dtype)
-    return (per_token * m).sum() / m.sum().clamp_min(1)
+    return masked_mean(F.relu(F.cosine_similarity(states.float(), reference.float(), dim=-1)), mask)

@@ -71,21 +71,6 @@ def forward_states(
     return dict(states), None
 
 
-def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
-    """Mean of ``x`` over positions where ``mask`` is true (mask broadcast from the left).
-
-    With ``dim=None`` averages over every masked element of the mask's dimensions, keeping trailing
-    feature dimensions. Returns zeros where no position is selected, instead of NaN.
-    """
-    m = mask.to(x.dtype)
-    while m.dim() < x.dim():
-        m = m.unsqueeze(-1)
-    if dim is None:
-        dim = tuple(range(mask.dim()))
-    total = (x * m).sum(dim=dim)
-    return total / m.sum(dim=dim).clamp_min(1)
-
-
 def position_mask(sequences: dict, positions: str) -> Tensor:
     """The positions of a collated batch to use: "completion", "prompt" or "all" (every real token)."""
     return {"completion": sequences["completion_mask"], "prompt": sequences["prompt_mask"],

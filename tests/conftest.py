@@ -78,7 +78,7 @@ def data_files(tmp_path_factory) -> dict[str, str]:
 def tiny_args(tiny_model_dir, data_files, tmp_path) -> list[str]:
     """CLI overrides that point any config at the tiny model and data, logging under tmp_path."""
     return [
-        f"--model.model={tiny_model_dir}",
+        f"--model.base_model={tiny_model_dir}",
         f"--data.streams={json.dumps({k: {'sources': [v], 'max_prompt_length': 16, 'max_completion_length': 8} for k, v in data_files.items()})}",
         "--data.batch_size=4",
         f"--trainer.default_root_dir={tmp_path}",

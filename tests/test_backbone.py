@@ -3,7 +3,8 @@ import torch
 
 from lit_safety import backbone
 from lit_safety.backbone import BackboneError
-from lit_safety.representations import capture_residuals, forward_states, masked_mean
+from lit_safety.losses import masked_mean
+from lit_safety.representations import capture_residuals, forward_states
 
 
 @pytest.fixture
@@ -133,7 +134,6 @@ def test_missing_local_model_is_a_clear_error(tmp_path):
 
 def test_qlora_4bit_trains_a_step_on_cpu(tmp_path):
     import bitsandbytes  # noqa: F401
-
     from conftest import tiny_llama
 
     # bitsandbytes' CPU 4-bit kernel packs rows in blocks of 32 and inputs in quantization blocks of

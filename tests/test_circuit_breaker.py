@@ -5,7 +5,7 @@ from lit_safety import CircuitBreakerModule, SafetyDataModule
 
 
 def test_schedule_counts_optimizer_steps_not_micro_batches():
-    module = CircuitBreakerModule(layers=[0, 1], alpha=10.0)
+    module = CircuitBreakerModule(layers=[0, 1], coefficient_scale=10.0)
     seen = []
 
     class Record(L.Callback):
@@ -16,7 +16,7 @@ def test_schedule_counts_optimizer_steps_not_micro_batches():
                         enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0)
     trainer.fit(module, SafetyDataModule(batch_size=2, val_fraction=0.0))
     assert len(seen) == 8  # micro-batches
-    # t = 0, 0, 1, 1, 2, 2, 3, 3 optimizer steps of T = 4: c_retain = alpha * t / 8
+    # t = 0, 0, 1, 1, 2, 2, 3, 3 optimizer steps of T = 4: c_retain = a * t / 8
     assert [round(c, 4) for c, _ in seen] == [0.0, 0.0, 1.25, 1.25, 2.5, 2.5, 3.75, 3.75]
     assert all(c_retain + c_cb == pytest.approx(10.0) for c_retain, c_cb in seen)
 

@@ -6,6 +6,8 @@ import torch
 import yaml
 
 from lit_safety.cli import main
+from lit_safety.evaluation import SafetyEvaluation
+
 
 def _is_run_config(path: str) -> bool:
     with open(path) as f:
@@ -21,12 +23,13 @@ def test_every_shipped_config_parses_against_its_class(config):
     # Paper-scale recipes are parsed in full; only their hardware is swapped for this CPU.
     cpu = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32"]
     cli = main(["--config", config, *(cpu if "llama3_8b" in config else [])], run=False)
-    assert cli.model.hparams["model"], "config must name a model"
+    assert cli.model.hparams["base_model"], "config must name a model"
+    suite = next(cb for cb in cli.trainer.callbacks if isinstance(cb, SafetyEvaluation))
     if "smollm2" in config:  # no ground truth: the proxy judge and a reduced suite
-        assert cli.model.evaluation.judge_name == "refusal_prefix"
-        assert [a.name for a in cli.model.evaluation.attacks] == ["direct", "prefill", "embedding"]
+        assert suite.judge_name == "refusal_prefix"
+        assert [a.name for a in suite.attacks] == ["direct", "prefill", "embedding"]
     elif "llama3_8b" not in config:  # every organism config's `test` runs the shared attack suite
-        assert [a.name for a in cli.model.evaluation.attacks] == ["direct", "prefill", "embedding", "gcg", "latent"]
+        assert [a.name for a in suite.attacks] == ["direct", "prefill", "embedding", "gcg", "latent"]
     with open(config) as f:
         first = f.readline()
     assert first.startswith("#"), "every config opens with a comment showing how to run it"

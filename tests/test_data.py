@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from lit_safety.backbone import load_tokenizer
 from lit_safety.data import (
     ChatFormatter,
     DataError,
@@ -15,7 +16,6 @@ from lit_safety.data import (
     register_dataset_resolver,
     require_chat_template,
 )
-from lit_safety.backbone import load_tokenizer
 from lit_safety.named import DATASET_RESOLVERS
 
 ROWS = [

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 # LAT runs its adversary's inner loop inside training_step: DDP must still see one clean backward.
-EXTRA = {"refusal_sft.yaml": [], "lat.yaml": ["--model.adversary_layers=[0, 1]", "--model.adversary_steps=2"]}
+EXTRA = {"refusal_sft.yaml": [], "lat.yaml": ["--model.adversary.layers=[0, 1]", "--model.adversary.steps=2"]}
 
 
 @pytest.mark.parametrize("config_name", EXTRA)

@@ -77,8 +77,8 @@ def test_suffix_layout_places_the_suffix_inside_the_user_turn(setting):
 def test_embedding_attack_lowers_the_target_loss(setting):
     model, formatter, records = setting
     attack = EmbeddingAttack(suffix_length=3, init="please", steps=15, snapshots=1, early_stop=False)
-    attack.run(model, formatter, records)
-    assert attack.loss_last < attack.loss_first
+    result = attack.run(model, formatter, records)
+    assert result.loss_last < result.loss_first
 
 
 def test_gcg_lowers_the_loss_and_never_proposes_special_tokens(setting):
@@ -101,15 +101,15 @@ def test_gcg_lowers_the_loss_and_never_proposes_special_tokens(setting):
         suffixes = attack._step(model, tokenizer, parts, suffixes, allowed, generator)
         assert not set(suffixes.flatten().tolist()) & set(tokenizer.all_special_ids)
     assert loss(suffixes) < start
-    responses = attack.run(model, formatter, records[:2], ExactJudge())
+    responses = attack.run(model, formatter, records[:2], ExactJudge()).responses
     assert len(responses) == 2 and all(isinstance(r, str) for r in responses)
 
 
 def test_latent_attack_lowers_the_target_loss(setting):
     model, formatter, records = setting
     attack = LatentAttack(layers=[-1], epsilon=0.5, steps=8)
-    responses = attack.run(model, formatter, records)
-    assert len(responses) == len(records) and attack.loss_last < attack.loss_first
+    result = attack.run(model, formatter, records)
+    assert len(result.responses) == len(records) and result.loss_last < result.loss_first
 
 
 METRIC_SCRIPT = """
@@ -146,17 +146,15 @@ def test_test_command_writes_results_in_the_report_schema(tmp_path):
     config = os.path.join(os.path.dirname(__file__), "..", "configs", "evaluate.yaml")
     cheap = tmp_path / "cheap.yaml"
     cheap.write_text("""
-model:
+evaluation:
+  class_path: lit_safety.evaluation.SafetyEvaluation
   init_args:
-    evaluation:
-      class_path: lit_safety.evaluation.SafetyEvaluation
-      init_args:
-        projector_layer: -1
-        attack_splits: {latent: [train, format_b]}
-        attacks:
-          - class_path: lit_safety.evaluation.DirectRequest
-          - class_path: lit_safety.evaluation.LatentAttack
-            init_args: {layers: [0], steps: 2}
+    projector_layer: -1
+    attack_splits: {latent: [train, format_b]}
+    attacks:
+      - class_path: lit_safety.evaluation.DirectRequest
+      - class_path: lit_safety.evaluation.LatentAttack
+        init_args: {layers: [0], steps: 2}
 """)
     cli = main(["test", "--config", config, "--config", str(cheap), "--data.test_size=3",
                 f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"])

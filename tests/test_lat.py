@@ -6,6 +6,8 @@ import torch
 from lit_safety import SafetyDataModule, TargetedLATModule, backbone
 from lit_safety.adversaries import LatentAdversary, project_per_token
 from lit_safety.losses import dpo_loss, rmu_forget_loss, rmu_retain_loss, sequence_logprob, toward
+from lit_safety.methods import LATAdversary
+from lit_safety.methods.lat_objectives import DPO, RMU, GradientAscent, Refusal
 from lit_safety.representations import forward_states
 
 
@@ -73,11 +75,19 @@ def test_inner_loop_lowers_the_adversary_objective_without_touching_lora(batch):
     assert not model.get_input_embeddings()._forward_hooks
 
 
-@pytest.mark.parametrize("objective", ["refusal", "dpo", "rmu", "gradient_ascent"])
-def test_each_objective_trains_only_lora_and_keeps_the_adversary_out_of_the_checkpoint(batch, objective):
-    module = TargetedLATModule(objective=objective, adversary_layers=["embedding", 1], adversary_steps=6,
-                               rmu_layer=1)
+OBJECTIVES = {"refusal": Refusal, "dpo": DPO, "rmu": lambda: RMU(layer=1), "gradient_ascent": GradientAscent}
+
+
+def calibrated(module, batch):
     module.configure_model()
+    module.calibration = module.calibrate(batch)
+    return module
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_each_objective_trains_only_lora_and_keeps_the_adversary_out_of_the_checkpoint(batch, objective):
+    module = calibrated(TargetedLATModule(objective=OBJECTIVES[objective](),
+                                          adversary=LATAdversary(layers=["embedding", 1], steps=6)), batch)
     module.train()
     terms = module.compute_losses(batch)
     terms["loss"].backward()
@@ -89,7 +99,7 @@ def test_each_objective_trains_only_lora_and_keeps_the_adversary_out_of_the_chec
 
 
 def test_unknown_attack_site_is_a_clear_error():
-    module = TargetedLATModule(adversary_layers=["embeddings"])
+    module = TargetedLATModule(adversary=LATAdversary(layers=["embeddings"]))
     with pytest.raises(ValueError, match="unknown attack site 'embeddings'"):
         module.configure_model()
 
@@ -98,8 +108,8 @@ def test_unknown_attack_site_is_a_clear_error():
 def test_dpo_objective_is_dpo_plus_toward_refusal(batch, model_toward):
     # Without an adversary step the attacked loss is the model's DPO loss against the adapters-off
     # reference, plus model_toward x toward(refusal) (which keeps the chosen answer from degrading).
-    module = TargetedLATModule(objective="dpo", adversary_layers=[1], adversary_steps=0, model_toward=model_toward)
-    module.configure_model()
+    module = TargetedLATModule(objective=DPO(model_toward=model_toward), adversary=LATAdversary(layers=[1], steps=0))
+    calibrated(module, batch)
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in module.model.named_parameters():
@@ -124,28 +134,27 @@ def test_dpo_objective_is_dpo_plus_toward_refusal(batch, model_toward):
 
 @pytest.mark.parametrize("positions", ["all", "completion"])
 def test_rmu_steers_only_the_chosen_positions(batch, positions):
-    module = TargetedLATModule(objective="rmu", adversary_layers=[0], adversary_steps=0, rmu_layer=1,
-                               rmu_positions=positions)
-    module.configure_model()
+    module = calibrated(TargetedLATModule(objective=RMU(layer=1, positions=positions),
+                                          adversary=LATAdversary(layers=[0], steps=0)), batch)
     module.eval()
-    terms = module.compute_losses(batch)  # measures the layer norm and fixes the control vector c u
+    terms = module.compute_losses(batch)
     harmful = batch["harmful"]["completion"]
     with torch.no_grad():
         states = forward_states(module.model, harmful["input_ids"], harmful["attention_mask"], [1], logits=False)[0][1]
     mask = harmful["attention_mask"] if positions == "all" else harmful["completion_mask"]
-    expected = rmu_forget_loss(states, module.control, mask)
+    expected = rmu_forget_loss(states, module.calibration["rmu_control"], mask)
     assert terms["loss_attacked"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_sparse_adversary_perturbs_k_positions_inside_the_mask():
-    from lit_safety.methods.targeted_lat import _sample_positions
+    from lit_safety.methods.targeted_lat import sample_positions
 
     torch.manual_seed(0)
     mask = torch.tensor([[True, True, True, True, False], [False, True, False, False, False]])
-    draws = [_sample_positions(mask, 2) for _ in range(20)]
+    draws = [sample_positions(mask, 2) for _ in range(20)]
     for kept in draws:
         assert kept[0].sum() == 2 and kept[1].sum() == 1  # a row with fewer positions keeps all it has
         assert not (kept & ~mask).any()
     assert len({tuple(k[0].tolist()) for k in draws}) > 1  # redrawn each time
-    with pytest.raises(ValueError, match="adversary_tokens must be >= 1"):
-        TargetedLATModule(adversary_tokens=0)
+    with pytest.raises(ValueError, match="adversary tokens must be >= 1"):
+        LATAdversary(tokens=0)

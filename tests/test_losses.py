@@ -42,10 +42,12 @@ def test_away_is_unlikelihood():
 
 
 def test_kl_divergence_with_temperature():
-    ref = torch.tensor([[[math.log(3.0) * 2, 0.0]]])  # at T=2: softmax(log 3, 0) = (3/4, 1/4)
-    new = torch.zeros(1, 1, 2)  # uniform
+    # A prediction loss: the mask marks token 1, predicted at position 0; position 1 predicts past
+    # the end and must not count.
+    ref = torch.tensor([[[math.log(3.0) * 2, 0.0], [9.0, 0.0]]])  # at T=2: softmax(log 3, 0) = (3/4, 1/4)
+    new = torch.zeros(1, 2, 2)  # uniform
     expected = 4 * (0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5))
-    mask = torch.ones(1, 1, dtype=torch.bool)
+    mask = torch.tensor([[False, True]])
     assert kl_divergence(ref, new, mask, temperature=2.0).item() == pytest.approx(expected, rel=1e-5)
     assert kl_divergence(ref, ref, mask).item() == pytest.approx(0.0, abs=1e-7)
 

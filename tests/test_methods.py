@@ -14,7 +14,11 @@ from lit_safety import (
     TargetedLATModule,
     TripletDefenseModule,
     backbone,
+    export_adapter,
+    export_merged,
 )
+from lit_safety.methods import LATAdversary
+from lit_safety.methods.lat_objectives import DPO, RMU
 
 METHODS = {
     "refusal_sft": (RefusalSFTModule, {}),
@@ -22,10 +26,9 @@ METHODS = {
     "triplet_mining": (TripletDefenseModule, {"layers_benign": [1], "layers_harmful": [1], "mining": True,
                                               "mining_interval": 1, "mining_steps": 2, "mining_layers": [0]}),
     "circuit_breaker": (CircuitBreakerModule, {"layers": [0, 1]}),
-    "lat_refusal": (TargetedLATModule, {"adversary_layers": ["embedding", 1], "adversary_steps": 2}),
-    "lat_rmu": (TargetedLATModule, {"objective": "rmu", "adversary_layers": [0], "adversary_steps": 2,
-                                    "rmu_layer": 1}),
-    "lat_dpo": (TargetedLATModule, {"objective": "dpo", "adversary_layers": [0], "adversary_steps": 2}),
+    "lat_refusal": (TargetedLATModule, {"adversary": LATAdversary(layers=["embedding", 1], steps=2)}),
+    "lat_rmu": (TargetedLATModule, {"objective": RMU(layer=1), "adversary": LATAdversary(layers=[0], steps=2)}),
+    "lat_dpo": (TargetedLATModule, {"objective": DPO(), "adversary": LATAdversary(layers=[0], steps=2)}),
 }
 
 
@@ -73,12 +76,12 @@ def test_exported_adapter_and_merged_model_reproduce_the_trained_module(tmp_path
     module.eval()
     ids = torch.randint(7, 40, (2, 8))
     expected = module.model(ids).logits
-    merged = backbone.load_causal_lm(module.export_merged(str(tmp_path / "merged")))
-    adapter = PeftModel.from_pretrained(backbone.load_causal_lm("organism"), module.export_adapter(str(tmp_path / "adapter")))
+    merged = backbone.load_causal_lm(export_merged(module, str(tmp_path / "merged")))
+    adapter = PeftModel.from_pretrained(backbone.load_causal_lm("organism"), export_adapter(module, str(tmp_path / "adapter")))
     assert torch.allclose(merged(ids).logits, expected, atol=1e-4)
     assert torch.allclose(adapter.eval()(ids).logits, expected, atol=1e-5)
     # The adapter names its base as the module did, so evaluation finds it (a GGUF path would not).
-    from lit_safety.evaluation.loading import load_for_evaluation
+    from lit_safety.artifacts import load_for_evaluation
 
     with open(tmp_path / "adapter" / "adapter_config.json") as f:
         assert json.load(f)["base_model_name_or_path"] == "organism"

@@ -11,7 +11,8 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
-from lit_safety.data.formatting import ChatFormatter, collate, require_chat_template
+from lit_safety.data.batch import collate_stream
+from lit_safety.data.formatting import ChatFormatter, require_chat_template
 from lit_safety.data.loaders import DataSource, load_records
 from lit_safety.data.records import DataError, Record
 
@@ -64,17 +65,8 @@ class _StreamDataset(torch.utils.data.Dataset):
         return self.records[index]
 
 
-def _collate_stream(records: list[Record], formatter: ChatFormatter, pad_token_id: int, pad_to_multiple_of: int | None):
-    """A stream batch: ``{"completion": tensors}`` plus ``{"refusal": tensors}`` when records have one."""
-    pad = partial(collate, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
-    batch = {"completion": pad([formatter.encode_record(r, r.completion) for r in records])}
-    if all(r.refusal is not None for r in records):
-        batch["refusal"] = pad([formatter.encode_record(r, r.refusal) for r in records])
-    return batch
-
-
 class SafetyDataModule(L.LightningDataModule):
-    """Batches of named streams: each training batch is ``{stream: {"completion": ..., "refusal": ...}}``.
+    """Batches of named streams: each training batch is a ``SafetyBatch`` (``lit_safety.data.batch``).
 
     Every stream is shuffled with its own seeded generator and cycled to the length of the longest
     one. A fraction of each stream is held out for validation.
@@ -206,12 +198,7 @@ class SafetyDataModule(L.LightningDataModule):
             shuffle=shuffle,
             generator=generator if shuffle else None,
             num_workers=self.num_workers,
-            collate_fn=partial(
-                _collate_stream,
-                formatter=formatter,
-                pad_token_id=self.tokenizer.pad_token_id,
-                pad_to_multiple_of=self.pad_to_multiple_of,
-            ),
+            collate_fn=partial(collate_stream, formatter=formatter, pad_to_multiple_of=self.pad_to_multiple_of),
         )
 
     def train_dataloader(self) -> CombinedLoader:

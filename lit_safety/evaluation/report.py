@@ -35,3 +35,30 @@ def to_markdown(results: dict) -> str:
     if results.get("attack_seconds"):
         out.append("seconds per attack: " + json.dumps(results["attack_seconds"]))
     return "\n".join(out) + "\n"
+
+
+def plot_asr(results: dict, path: str) -> None:
+    """Grouped bars: ASR per attack (colour) and split (group), with Wilson 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = list(results["asr"])
+    splits = sorted({s for a in attacks for s in results["asr"][a]})
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(splits) * max(1, len(attacks)) / 2), 4))
+    width = 0.8 / max(1, len(attacks))
+    for i, attack in enumerate(attacks):
+        cells = [results["asr"][attack].get(s) for s in splits]
+        xs = [j + i * width for j in range(len(splits))]
+        rates = [c["rate"] if c else 0.0 for c in cells]
+        errors = [[max(0.0, c["rate"] - c["low"]) if c else 0 for c in cells],
+                  [max(0.0, c["high"] - c["rate"]) if c else 0 for c in cells]]
+        ax.bar(xs, rates, width, yerr=errors, capsize=2, label=attack)
+    ax.set_xticks([j + width * (len(attacks) - 1) / 2 for j in range(len(splits))], splits, rotation=20)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(f"ASR ({results.get('judge', '')} judge)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

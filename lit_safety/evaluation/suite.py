@@ -1,8 +1,10 @@
-"""``SafetyEvaluation``: the suite behind ``python -m lit_safety test``.
+"""``SafetyEvaluation``: the suite behind ``python -m lit_safety test``, a Lightning callback.
 
 Harmful behaviours are attacked by every configured attack; benign and borderline records measure
 capability (exact accuracy, KL to the reference on their completions) and over-refusal. Every count
-is a torchmetrics state, so the figures are exact under DDP.
+is a torchmetrics state, so the figures are exact under DDP. Any module with ``model`` (the PeftModel),
+``tokenizer`` and ``reference()`` can be evaluated, with a data module that has test splits
+(``SafetyDataModule``).
 """
 
 from __future__ import annotations
@@ -13,16 +15,22 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 
+import lightning as L
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
 from lit_safety.data.formatting import ChatFormatter, collate
 from lit_safety.data.records import Record
-from lit_safety.evaluation.attacks import Attack, DirectRequest, PrefillAttack
+from lit_safety.evaluation.attacks import (
+    Attack,
+    DirectRequest,
+    LatentAttack,
+    PrefillAttack,
+)
 from lit_safety.evaluation.judges import make_judge
 from lit_safety.evaluation.metrics import VerdictRates
-from lit_safety.evaluation.report import to_markdown
+from lit_safety.evaluation.report import plot_asr, to_markdown
 from lit_safety.losses import kl_divergence
 
 
@@ -36,18 +44,16 @@ def benign_kl(model, formatter: ChatFormatter, records: Sequence[Record], refere
     logits = model(input_ids=ids, attention_mask=mask).logits
     with reference():
         reference_logits = model(input_ids=ids, attention_mask=mask).logits
-    completion = batch["completion_mask"].to(device)
-    # Position t predicts token t+1: compare where the next token is a completion token.
-    positions = torch.nn.functional.pad(completion[:, 1:], (0, 1))
-    return kl_divergence(reference_logits, logits, positions, temperature=1.0)
+    return kl_divergence(reference_logits, logits, batch["completion_mask"].to(device), temperature=1.0)
 
 
-class SafetyEvaluation(nn.Module):
-    """Attacks, judge and outputs of the evaluation suite.
+class SafetyEvaluation(L.Callback):
+    """Attacks, judge and outputs of the evaluation suite; as a callback it runs the ``test`` loop.
 
     Args:
         attacks: attacks run on every harmful split (each reports under its name: direct, prefill,
-            embedding, gcg, latent).
+            embedding, gcg, latent). Benign and borderline requests are asked with the suite's
+            ``DirectRequest`` (a default one if it has none).
         judge: "exact" (records' answers and refusals: the organism), "refusal_prefix" (a proxy,
             named as such in every result) or "harmbench" (the HarmBench classifier).
         harmbench_model: classifier id or directory for the "harmbench" judge.
@@ -67,8 +73,8 @@ class SafetyEvaluation(nn.Module):
         projector_layer: int | None = -1,
         max_prompt_length: int = 512,
     ):
-        super().__init__()
         self.attacks = list(attacks) if attacks is not None else [DirectRequest(), PrefillAttack()]
+        self.benign_request = next((a for a in self.attacks if isinstance(a, DirectRequest)), DirectRequest())
         self.judge_name, self.harmbench_model = judge, harmbench_model
         self.attack_splits = attack_splits or {}
         self.projector_layer = projector_layer
@@ -93,7 +99,7 @@ class SafetyEvaluation(nn.Module):
         from lit_safety.backbone import decoder_layers, resolve_layers
 
         for attack in self.attacks:
-            if hasattr(attack, "layers"):
+            if isinstance(attack, LatentAttack):
                 attack_sites(model, attack.layers)
         if self.projector_layer is not None:
             resolve_layers([self.projector_layer], len(decoder_layers(model)))
@@ -116,12 +122,12 @@ class SafetyEvaluation(nn.Module):
         other = [r for r in records if r.kind != "harmful"]
         for attack in self._attacks_for(split) if harmful else []:
             start = time.perf_counter()
-            responses = attack.run(model, formatter, harmful, self.judge)
+            responses = attack.run(model, formatter, harmful, self.judge).responses
             self.seconds[attack.name] += time.perf_counter() - start
             self.metrics[f"{attack.name}|{split}"].update(
                 self.judge(r, response) for r, response in zip(harmful, responses))
         if other:
-            responses = DirectRequest().run(model, formatter, other)
+            responses = self.benign_request.run(model, formatter, other).responses
             self.metrics[f"direct|{split}"].update(
                 self.judge(r, response) for r, response in zip(other, responses))
             if reference is not None:
@@ -134,7 +140,8 @@ class SafetyEvaluation(nn.Module):
 
     @torch.no_grad()
     def _project(self, model, formatter: ChatFormatter, records: Sequence[Record]) -> None:
-        from lit_safety.representations import forward_states, masked_mean
+        from lit_safety.losses import masked_mean
+        from lit_safety.representations import forward_states
 
         batch = collate([formatter.encode_record(r, None) for r in records], formatter.tokenizer.pad_token_id)
         device = next(model.parameters()).device
@@ -166,6 +173,37 @@ class SafetyEvaluation(nn.Module):
             out["judge"] = "refusal_prefix (PROXY: counts every non-refusal as success)"
         return out
 
+    # ----- the `test` loop ------------------------------------------------------------------------
+    evaluates_safety = True  # what SafetyModule.on_test_start looks for among the callbacks
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        datamodule = trainer.datamodule
+        if not hasattr(datamodule, "test_split_kinds"):
+            raise RuntimeError("SafetyEvaluation needs a data module with test splits (lit_safety.SafetyDataModule)")
+        self.prepare(datamodule.test_split_kinds(), pl_module.model)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        by_split: dict[str, list] = {}
+        for split, record in batch:
+            by_split.setdefault(split, []).append(record)
+        # Gradient attacks need autograd even under the test loop's inference mode.
+        with torch.inference_mode(False), torch.enable_grad():
+            for split, records in by_split.items():
+                self.evaluate(pl_module.model, pl_module.tokenizer, split, records, reference=pl_module.reference)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        results = self.results()
+        scalars = {f"test/asr/{a}/{s}": v["rate"] for a, splits in results["asr"].items() for s, v in splits.items()}
+        for key in ("benign_accuracy", "over_refusal", "benign_kl"):
+            scalars.update({f"test/{key}/{s}": v for s, v in results[key].items()})
+        for key, value in scalars.items():
+            pl_module.log(key, value)
+        if trainer.is_global_zero and trainer.log_dir and trainer.logger is not None:
+            self.write(results, trainer.log_dir)
+            if self.projected.get("states") and hasattr(trainer.logger.experiment, "add_embedding"):
+                trainer.logger.experiment.add_embedding(torch.cat(self.projected["states"]),
+                                                        metadata=self.projected["labels"], tag="representations")
+
     def write(self, results: dict, directory: str) -> None:
         """``eval_results.json``, ``eval_results.md`` and ``eval_results.png`` in ``directory``."""
         os.makedirs(directory, exist_ok=True)
@@ -174,30 +212,3 @@ class SafetyEvaluation(nn.Module):
         with open(os.path.join(directory, "eval_results.md"), "w") as f:
             f.write(to_markdown(results))
         plot_asr(results, os.path.join(directory, "eval_results.png"))
-
-
-def plot_asr(results: dict, path: str) -> None:
-    """Grouped bars: ASR per attack (colour) and split (group), with Wilson 95% intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    attacks = list(results["asr"])
-    splits = sorted({s for a in attacks for s in results["asr"][a]})
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(splits) * max(1, len(attacks)) / 2), 4))
-    width = 0.8 / max(1, len(attacks))
-    for i, attack in enumerate(attacks):
-        cells = [results["asr"][attack].get(s) for s in splits]
-        xs = [j + i * width for j in range(len(splits))]
-        rates = [c["rate"] if c else 0.0 for c in cells]
-        errors = [[max(0.0, c["rate"] - c["low"]) if c else 0 for c in cells],
-                  [max(0.0, c["high"] - c["rate"]) if c else 0 for c in cells]]
-        ax.bar(xs, rates, width, yerr=errors, capsize=2, label=attack)
-    ax.set_xticks([j + width * (len(attacks) - 1) / 2 for j in range(len(splits))], splits, rotation=20)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel(f"ASR ({results.get('judge', '')} judge)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

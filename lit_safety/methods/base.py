@@ -1,15 +1,23 @@
-"""``SafetyModule``: the one base of every method (one level of inheritance).
+"""``SafetyModule``: the training template every method fills in (one level of inheritance).
 
 A method is one small file: it declares the data it needs (``stream_fields``) and implements
-``compute_losses(batch) -> {"loss": total, term: value, ...}``. The base builds the LoRA model in
-``configure_model`` (FSDP-ready, idempotent), gives the frozen reference through the same weights,
-logs every term under ``train/`` and ``val/``, and keeps only adapter weights in checkpoints.
+``compute_losses(batch) -> {"loss": total, term: value, ...}``. What a method does at a moment of the
+run is a named hook, called by the base at that moment:
+
+- ``validate_layers(num_layers)``: check layer settings against the model (after it is built);
+- ``init_adapters()``: initialise the fresh LoRA weights (peft's default: B = 0);
+- ``calibrate(batch) -> {name: tensor}``: measure scale-relative quantities once, on the first
+  training batch, before any step (validation included); the result is ``self.calibration`` and is
+  saved in checkpoints, so a resumed run uses the same values.
+
+The base builds the LoRA model in ``configure_model`` (FSDP-ready, idempotent), gives the frozen
+reference through the same weights, logs every term under ``train/`` and ``val/``, keeps only adapter
+weights in checkpoints and exports a PEFT adapter directory at the end of ``fit``. Evaluation
+(``python -m lit_safety test``) is the ``lit_safety.evaluation.SafetyEvaluation`` callback's job.
 """
 
 from __future__ import annotations
 
-import copy
-import importlib
 import os
 from collections.abc import Sequence
 from functools import cached_property
@@ -17,19 +25,22 @@ from functools import cached_property
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
 
-from lit_safety import backbone
+from lit_safety import artifacts, backbone
 from lit_safety.backbone import DType, Quantization
-from lit_safety.evaluation.suite import SafetyEvaluation
+from lit_safety.data.batch import SafetyBatch, check_batch
+
+CALIBRATION_KEY = "lit_safety_calibration"
 
 
 class SafetyModule(L.LightningModule):
     """Base of every lit_safety method: a causal LM with LoRA adapters and its frozen reference.
 
     Args:
-        model: model name: ``organism[:variant]``, a local Hugging Face directory, a ``.gguf`` file or
-            a hub id.
+        base_model: the model to defend: ``organism[:variant]``, ``smollm2``, a local Hugging Face
+            directory, a ``.gguf`` file or a hub id.
         lora_rank: LoRA rank r.
         lora_alpha: LoRA alpha (updates are scaled by alpha / r).
         lora_dropout: dropout on the adapter input.
@@ -40,16 +51,15 @@ class SafetyModule(L.LightningModule):
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         optimizer: optimizer of the LoRA parameters.
         scheduler: learning-rate scheduler, stepped once per optimizer step.
-        evaluation: the attack suite that ``test`` runs (default: direct request and prefill,
-            exact judge).
     """
 
-    # stream name -> record fields the method needs in it; the data module checks them at setup.
+    # stream name -> record fields the method needs in it; checked on the data before training and
+    # on every batch (see lit_safety.data.batch).
     stream_fields: dict[str, tuple[str, ...]] = {}
 
     def __init__(
         self,
-        model: str = "organism",
+        base_model: str = "organism",
         lora_rank: int = 8,
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.0,
@@ -60,29 +70,27 @@ class SafetyModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
-        evaluation: SafetyEvaluation | None = None,
     ):
         super().__init__()
         if lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1, got {lora_rank}")
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "evaluation"])
-        self.evaluation = evaluation
-        self.model_name = model
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.model = None  # built in configure_model
+        self.model = None  # the PeftModel, built in configure_model
+        self.calibration: dict[str, Tensor] | None = None  # set by calibrate(), saved in checkpoints
         self.strict_loading = False  # checkpoints hold adapter weights only
 
     # ----- model -----------------------------------------------------------------------------------
     @cached_property
     def tokenizer(self):
-        return backbone.load_tokenizer(self.model_name)
+        return backbone.load_tokenizer(self.hparams.base_model)
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
         hp = self.hparams
-        base = backbone.load_causal_lm(self.model_name, hp.dtype, hp.quantization)
+        base = backbone.load_causal_lm(hp.base_model, hp.dtype, hp.quantization)
         self.model = backbone.add_lora(
             base, hp.lora_rank, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules, hp.lora_layers
         )
@@ -90,10 +98,18 @@ class SafetyModule(L.LightningModule):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
         self.validate_layers(len(backbone.decoder_layers(self.model)))
+        self.init_adapters()
         self.model.train()  # from_pretrained returns eval mode; LoRA dropout must be live in training
 
     def validate_layers(self, num_layers: int) -> None:
-        """Check the method's layer settings against the model (raise ``BackboneError``)."""
+        """Hook: check the method's layer settings against the model (raise ``BackboneError``)."""
+
+    def init_adapters(self) -> None:
+        """Hook: initialise the fresh adapter weights (default: peft's, LoRA B = 0)."""
+
+    def calibrate(self, batch: SafetyBatch) -> dict[str, Tensor]:
+        """Hook: quantities measured once on the first training batch (default: none)."""
+        return {}
 
     def resolve(self, layers: Sequence[int]) -> list[int]:
         """Decoder-layer indices of this model, negatives resolved (see ``backbone.resolve_layers``)."""
@@ -103,55 +119,52 @@ class SafetyModule(L.LightningModule):
         """Context in which ``self.model`` is the frozen reference (adapters off, no grad, no dropout)."""
         return backbone.reference(self.model)
 
-    # ----- steps -----------------------------------------------------------------------------------
-    def compute_losses(self, batch: dict) -> dict[str, Tensor]:
-        """The method's loss terms for one batch; ``"loss"`` is the total that is optimised."""
-        raise NotImplementedError
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole fit (for schedules over training progress)."""
+        return max(1, int(self.trainer.estimated_stepping_batches))
 
-    def _log_terms(self, stage: str, terms: dict[str, Tensor], batch: dict) -> None:
+    # ----- steps -----------------------------------------------------------------------------------
+    def compute_losses(self, batch: SafetyBatch) -> dict[str, Tensor]:
+        """The method's loss terms for one batch; ``"loss"`` is the total that is optimised."""
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_losses")
+
+    def on_fit_start(self) -> None:
+        if self.calibration is None:  # a resumed run has it from its checkpoint
+            self.calibration = {k: v.detach() for k, v in self.calibrate(self._first_training_batch()).items()}
+
+    def _first_training_batch(self) -> SafetyBatch:
+        # A fresh loader from the data module: the training loop's own data order is left alone.
+        datamodule = self.trainer.datamodule
+        loader = datamodule.train_dataloader() if datamodule is not None else self.train_dataloader()
+        batch = next(iter(loader))
+        if isinstance(loader, CombinedLoader):
+            batch = batch[0]  # (batch, batch_idx, dataloader_idx)
+        return self.transfer_batch_to_device(batch, self.device, 0)
+
+    def _log_terms(self, stage: str, terms: dict[str, Tensor], batch: SafetyBatch) -> None:
         size = next(iter(batch.values()))["completion"]["input_ids"].shape[0]
         for name, value in terms.items():
             self.log(f"{stage}/{name}", value.detach().float(), batch_size=size, prog_bar=name == "loss",
                      sync_dist=stage != "train")
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: SafetyBatch, batch_idx: int) -> Tensor:
+        check_batch(batch, self.stream_fields, type(self).__name__)
         terms = self.compute_losses(batch)
         self._log_terms("train", terms, batch)
         return terms["loss"]
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: SafetyBatch, batch_idx: int) -> None:
+        check_batch(batch, self.stream_fields, type(self).__name__)
         self._log_terms("val", self.compute_losses(batch), batch)
 
-    # ----- evaluation (`python -m lit_safety test`) -------------------------------------------------
+    def test_step(self, batch, batch_idx: int) -> None:
+        """Nothing: ``test`` is run by the ``lit_safety.evaluation.SafetyEvaluation`` callback."""
+
     def on_test_start(self) -> None:
-        if self.evaluation is None:
-            self.evaluation = SafetyEvaluation().to(self.device)
-        self.evaluation.prepare(self.trainer.datamodule.test_split_kinds(), self.model)
-
-    def test_step(self, batch: list, batch_idx: int) -> None:
-        by_split: dict[str, list] = {}
-        for split, record in batch:
-            by_split.setdefault(split, []).append(record)
-        # Gradient attacks need autograd even under the test loop's inference mode.
-        with torch.inference_mode(False), torch.enable_grad():
-            for split, records in by_split.items():
-                self.evaluation.evaluate(self.model, self.tokenizer, split, records, reference=self.reference)
-
-    def on_test_epoch_end(self) -> None:
-        results = self.evaluation.results()
-        scalars = {f"test/asr/{a}/{s}": v["rate"] for a, splits in results["asr"].items() for s, v in splits.items()}
-        scalars.update({f"test/benign_accuracy/{s}": v for s, v in results["benign_accuracy"].items()})
-        scalars.update({f"test/over_refusal/{s}": v for s, v in results["over_refusal"].items()})
-        scalars.update({f"test/benign_kl/{s}": v for s, v in results["benign_kl"].items()})
-        for key, value in scalars.items():
-            self.log(key, value)
-        self.test_results = results
-        if self.trainer.is_global_zero and self.trainer.log_dir and self.trainer.logger is not None:
-            self.evaluation.write(results, self.trainer.log_dir)
-            projected = self.evaluation.projected
-            if projected.get("states") and hasattr(self.trainer.logger.experiment, "add_embedding"):
-                self.trainer.logger.experiment.add_embedding(torch.cat(projected["states"]),
-                                                             metadata=projected["labels"], tag="representations")
+        if not any(getattr(callback, "evaluates_safety", False) for callback in self.trainer.callbacks):
+            raise RuntimeError("`test` needs a lit_safety.evaluation.SafetyEvaluation among the trainer's callbacks "
+                               "(the CLI adds the config's `evaluation`)")
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -162,7 +175,7 @@ class SafetyModule(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "step"}}
 
-    # ----- checkpoints and export ------------------------------------------------------------------
+    # ----- checkpoints -----------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):
         """Only the trainable (adapter) weights: checkpoints stay megabytes at 8B scale."""
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
@@ -171,30 +184,14 @@ class SafetyModule(L.LightningModule):
         return type(full)((k, v) for k, v in full.items() if k[len(prefix) :] in trainable)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Lets `load_module` rebuild the right class from a checkpoint alone.
+        # Lets `artifacts.load_module` rebuild the right class from a checkpoint alone.
         checkpoint["lit_safety_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        if self.calibration is not None:
+            checkpoint[CALIBRATION_KEY] = {k: v.cpu() for k, v in self.calibration.items()}
 
-    def export_adapter(self, path: str) -> str:
-        """Write a PEFT adapter directory (loadable with ``PeftModel.from_pretrained``) and the tokenizer.
-
-        The adapter names its base by this module's ``model`` (e.g. ``organism`` or ``smollm2``), which
-        ``load_for_evaluation`` resolves on any machine; a resolved path would lose a GGUF file name.
-        """
-        self.model.peft_config[self.model.active_adapter].base_model_name_or_path = self.hparams.model
-        # Training never resizes the vocabulary, so the full embeddings need not be saved; saying so
-        # also stops peft from looking the base name up on the Hub (offline: a DNS wait and a warning).
-        self.model.save_pretrained(path, save_embedding_layers=False)
-        self.tokenizer.save_pretrained(path)
-        return path
-
-    def export_merged(self, path: str) -> str:
-        """Write a plain Hugging Face model with the adapters merged into a copy of the weights."""
-        if self.hparams.quantization is not None:
-            raise ValueError("cannot merge adapters into a quantized base; export the adapter instead")
-        merged = copy.deepcopy(self.model).merge_and_unload()
-        merged.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        return path
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if CALIBRATION_KEY in checkpoint:  # on the CPU: a method moves what it uses to its tensors' device
+            self.calibration = dict(checkpoint[CALIBRATION_KEY])
 
     def on_fit_end(self) -> None:
         # A PEFT adapter directory beside the logs, so every run can be evaluated or shared directly.
@@ -202,20 +199,4 @@ class SafetyModule(L.LightningModule):
         log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
         sharded = "FSDP" in type(self.trainer.strategy).__name__
         if log_dir and not sharded and self.trainer.is_global_zero:
-            self.export_adapter(os.path.join(log_dir, "adapter"))
-
-
-def load_module(checkpoint_path: str, map_location: str = "cpu") -> SafetyModule:
-    """Rebuild a trained ``SafetyModule`` (model built, adapters loaded) from a ``fit`` checkpoint."""
-    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=False)
-    module_name, _, class_name = checkpoint.get("lit_safety_class", "").rpartition(".")
-    if not module_name:
-        raise ValueError(f"{checkpoint_path} is not a lit_safety checkpoint (no 'lit_safety_class' entry)")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    module = cls(**checkpoint["hyper_parameters"])
-    module.configure_model()
-    missing = set(checkpoint["state_dict"]) - set(module.state_dict())
-    if missing:
-        raise ValueError(f"{checkpoint_path}: adapter keys do not match the model: {sorted(missing)[:3]} ...")
-    module.load_state_dict(checkpoint["state_dict"], strict=False)
-    return module
+            artifacts.export_adapter(self, os.path.join(log_dir, "adapter"))

@@ -2,13 +2,13 @@
 Breakers", arXiv 2406.04313), the baseline the representation defenses are compared with.
 
 loss = c_retain(t) * ||h'_b - h_b||_2 + c_cb(t) * ReLU(cos(h'_h, h_h)), with the schedule
-c_retain = alpha * t / (2T) and c_cb = alpha * (1 - t / (2T)) over optimizer steps t of T
+c_retain = a * t / (2T) and c_cb = a * (1 - t / (2T)) over optimizer steps t of T (the paper's alpha)
 (the released code counts micro-batches, which skews the schedule under gradient accumulation).
 
 Fresh adapters (LoRA B = 0) make h' = h exactly, where ReLU(cos(h', h)) has zero gradient, and
 LoRA dropout cannot help (it acts before B). The released code escapes through bf16 kernel noise,
-which Adam amplifies; here B starts from a small seeded Gaussian (``init_noise``) instead, so the
-first step has a gradient and runs are reproducible.
+which Adam amplifies; here B starts from a small seeded Gaussian (``init_noise``, the
+``init_adapters`` hook) instead, so the first step has a gradient and runs are reproducible.
 """
 
 from __future__ import annotations
@@ -27,25 +27,29 @@ class CircuitBreakerModule(SafetyModule):
 
     Args:
         layers: decoder layers of both terms (paper: 10 and 20 of Llama-3-8B's 32).
-        alpha: schedule scale alpha of c_retain and c_cb.
+        coefficient_scale: the schedule's scale a (the paper's alpha) of c_retain and c_cb.
         init_noise: standard deviation of LoRA B at the start (0 would leave the rerouting term
             without a gradient).
-        seed: seed of that initialisation.
+        init_seed: seed of that initialisation.
         **kwargs: model, LoRA and optimiser settings of ``SafetyModule``.
     """
 
     stream_fields = {"harmful": ("completion",), "benign": ("completion",)}
 
-    def __init__(self, layers: list[int] = [1, 2], alpha: float = 10.0, init_noise: float = 1e-3,  # noqa: B006
-                 seed: int = 0, **kwargs):
+    def __init__(self, layers: list[int] = [1, 2], coefficient_scale: float = 10.0,  # noqa: B006
+                 init_noise: float = 1e-3, init_seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.save_hyperparameters()
         if init_noise <= 0:
             raise ValueError("init_noise must be > 0: with LoRA B = 0 the rerouting term has no gradient")
+        if coefficient_scale <= 0:
+            raise ValueError(f"coefficient_scale must be > 0, got {coefficient_scale}")
 
     def validate_layers(self, num_layers: int) -> None:
         self.resolve(self.hparams.layers)
-        generator = torch.Generator().manual_seed(self.hparams.seed)
+
+    def init_adapters(self) -> None:
+        generator = torch.Generator().manual_seed(self.hparams.init_seed)
         with torch.no_grad():
             for name, p in self.model.named_parameters():
                 if "lora_B" in name:
@@ -53,9 +57,9 @@ class CircuitBreakerModule(SafetyModule):
 
     def coefficients(self) -> tuple[float, float]:
         """(c_retain, c_cb) at the current optimizer step."""
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
-        progress = min(1.0, self.global_step / max(1, 2 * total))
-        return self.hparams.alpha * progress, self.hparams.alpha * (1 - progress)
+        progress = min(1.0, self.global_step / (2 * self.total_steps)) if self._trainer is not None else 0.0
+        scale = self.hparams.coefficient_scale
+        return scale * progress, scale * (1 - progress)
 
     def compute_losses(self, batch: dict) -> dict[str, Tensor]:
         layers = self.resolve(self.hparams.layers)
@@ -65,8 +69,8 @@ class CircuitBreakerModule(SafetyModule):
             ref_h, _ = forward_states(self.model, harmful["input_ids"], harmful["attention_mask"], layers, logits=False)
         new_b, _ = forward_states(self.model, benign["input_ids"], benign["attention_mask"], layers, logits=False)
         new_h, _ = forward_states(self.model, harmful["input_ids"], harmful["attention_mask"], layers, logits=False)
-        retain = torch.stack([retain_loss(new_b[l], ref_b[l], benign["attention_mask"]) for l in layers]).mean()
-        reroute = torch.stack([reroute_loss(new_h[l], ref_h[l], harmful["attention_mask"]) for l in layers]).mean()
+        retain = torch.stack([retain_loss(new_b[i], ref_b[i], benign["attention_mask"]) for i in layers]).mean()
+        reroute = torch.stack([reroute_loss(new_h[i], ref_h[i], harmful["attention_mask"]) for i in layers]).mean()
         c_retain, c_cb = self.coefficients()
         return {
             "loss": c_retain * retain + c_cb * reroute,

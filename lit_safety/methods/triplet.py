@@ -6,7 +6,7 @@ Per step, with h the reference states (adapters off) and h' the trained states a
 - harmful term: ReLU(d_p(h'_h, mu_h) - d_n(h'_h, h_h) + m_h)   pull harmful states together, away
   from where the reference had them,
 - KL term: T^2 KL(p_ref / T || p' / T) on benign logits;
-total = alpha L_b + beta L_h + gamma L_KL, with mu_h the masked mean of the trained model's harmful
+total = alpha L_b + beta L_h + gamma L_KL (``benign_weight``, ``harmful_weight``, ``kl_weight``), with mu_h the masked mean of the trained model's harmful
 states over the batch. Optionally, a residual attack module trained to restore harmful completions
 supplies hard negatives for a fraction of the harmful examples.
 """
@@ -21,9 +21,9 @@ from torch import Tensor
 
 from lit_safety.adversaries import ResidualAttack
 from lit_safety.backbone import BackboneError, resolve_layers
-from lit_safety.losses import distance, kl_divergence, toward, triplet_loss
+from lit_safety.losses import distance, kl_divergence, masked_mean, toward, triplet_loss
 from lit_safety.methods.base import SafetyModule
-from lit_safety.representations import forward_states, masked_mean, position_mask
+from lit_safety.representations import forward_states, position_mask
 
 Distance = Literal["l2", "cosine", "mix"]
 Positions = Literal["completion", "prompt", "all"]
@@ -42,12 +42,12 @@ class TripletDefenseModule(SafetyModule):
         margin_benign: margin m_b of the benign term.
         margin_harmful: margin m_h of the harmful term.
         mix_weight: weight w of the cosine part of the mix distance.
-        scale: "absolute" uses margins and mix weight as given (paper: 500/1500 at Llama-3-8B
+        margin_scale: "absolute" uses margins and mix weight as given (paper: 500/1500 at Llama-3-8B
             scale); "reference_norm" multiplies them by the mean norm of the reference states at
             each layer, so one setting holds across models of different activation scale.
-        alpha: weight of the benign term.
-        beta: weight of the harmful term.
-        gamma: weight of the KL term on benign logits.
+        benign_weight: weight alpha of the benign term.
+        harmful_weight: weight beta of the harmful term.
+        kl_weight: weight gamma of the KL term on benign logits.
         temperature: KL temperature T.
         positions: tokens the triplet terms average over: "completion", "prompt" or "all".
         mining: enable adversarial hard negative mining.
@@ -58,7 +58,7 @@ class TripletDefenseModule(SafetyModule):
             (paper: 0.3).
         mining_layers: decoder layers from which the attack module's position is drawn; each must be
             before the deepest triplet layer, or the module could not change any state used.
-        seed: seed of the mining layer draws.
+        mining_seed: seed of the mining layer draws.
         **kwargs: model, LoRA and optimiser settings of ``SafetyModule``.
     """
 
@@ -75,10 +75,10 @@ class TripletDefenseModule(SafetyModule):
         margin_benign: float = 0.5,
         margin_harmful: float = 1.0,
         mix_weight: float = 1.0,
-        scale: Literal["absolute", "reference_norm"] = "reference_norm",
-        alpha: float = 1.0,
-        beta: float = 1.0,
-        gamma: float = 1.0,
+        margin_scale: Literal["absolute", "reference_norm"] = "reference_norm",
+        benign_weight: float = 1.0,
+        harmful_weight: float = 1.0,
+        kl_weight: float = 1.0,
         temperature: float = 2.0,
         positions: Positions = "completion",
         mining: bool = False,
@@ -87,16 +87,20 @@ class TripletDefenseModule(SafetyModule):
         mining_lr: float = 1e-3,
         mining_fraction: float = 0.3,
         mining_layers: list[int] = [0, 1],  # noqa: B006
-        seed: int = 0,
+        mining_seed: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.save_hyperparameters()
         if not 0.0 <= mining_fraction <= 1.0:
             raise ValueError(f"mining_fraction must be in [0, 1], got {mining_fraction}")
+        if margin_benign < 0 or margin_harmful <= 0:
+            raise ValueError(f"margins must be margin_benign >= 0 and margin_harmful > 0, got {margin_benign}, {margin_harmful}")
+        if min(benign_weight, harmful_weight, kl_weight) < 0:
+            raise ValueError("benign_weight, harmful_weight and kl_weight must be >= 0")
         if mining_interval < 1 or mining_steps < 0:
             raise ValueError("mining_interval must be >= 1 and mining_steps >= 0")
-        self.rng = random.Random(seed)
+        self.rng = random.Random(mining_seed)
         self.miner: ResidualAttack | None = None  # plain attribute: never a parameter or checkpointed
         self._mined_at_step = -1
 
@@ -142,7 +146,7 @@ class TripletDefenseModule(SafetyModule):
 
     # ----- loss ------------------------------------------------------------------------------------
     def _scale(self, reference: Tensor, mask: Tensor) -> Tensor | float:
-        if self.hparams.scale == "absolute":
+        if self.hparams.margin_scale == "absolute":
             return 1.0
         return masked_mean(reference.float().norm(dim=-1), mask).detach()
 
@@ -162,7 +166,7 @@ class TripletDefenseModule(SafetyModule):
         benign, harmful = batch["benign"]["completion"], batch["harmful"]["completion"]
         layers_b, layers_h = self.resolve(hp.layers_benign), self.resolve(hp.layers_harmful)
         mask_b, mask_h = position_mask(benign, hp.positions), position_mask(harmful, hp.positions)
-        use_kl = hp.gamma > 0
+        use_kl = hp.kl_weight > 0
 
         if hp.mining and self.training and self.global_step % hp.mining_interval == 0 \
                 and self._mined_at_step != self.global_step:
@@ -192,7 +196,8 @@ class TripletDefenseModule(SafetyModule):
         out = {name: torch.stack(values).mean() for name, values in terms.items()}
         out["loss_kl"] = (kl_divergence(ref_logits, logits, benign["attention_mask"], hp.temperature)
                           if use_kl else torch.zeros((), device=out["loss_benign"].device))
-        out["loss"] = hp.alpha * out["loss_benign"] + hp.beta * out["loss_harmful"] + hp.gamma * out["loss_kl"]
+        out["loss"] = (hp.benign_weight * out["loss_benign"] + hp.harmful_weight * out["loss_harmful"]
+                       + hp.kl_weight * out["loss_kl"])
         return {
             "loss": out["loss"], "loss_benign": out["loss_benign"], "loss_harmful": out["loss_harmful"],
             "loss_kl": out["loss_kl"],

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import os
 
-from lit_safety.organism.builder import EVAL_SPLITS, RECIPES, VARIANTS, Recipe, build, ensure_data
+from lit_safety.organism.builder import (
+    EVAL_SPLITS,
+    RECIPES,
+    VARIANTS,
+    Recipe,
+    build,
+    ensure_data,
+)
 
 
 def model_dir(variant: str | None = None) -> str:

@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> None:
 
         print(build_variant(args.variant))
         return
+    from lit_safety.artifacts import load_for_evaluation
     from lit_safety.data.records import DataError
-    from lit_safety.evaluation.loading import load_for_evaluation
     from lit_safety.evaluation.report import to_markdown
     from lit_safety.organism.report import organism_report
 

@@ -1,0 +1,85 @@
+"""Options that were renamed or moved: a config or command line that still uses one stops with one
+line saying what to write instead, before anything is loaded."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import yaml
+
+# old model option -> what to write instead
+RENAMED = {
+    "model": "base_model",
+    "evaluation": "a top-level `evaluation:` key (beside model and data)",
+    "scale": "margin_scale",
+    "alpha": "benign_weight (triplet) or coefficient_scale (circuit breakers)",
+    "beta": "harmful_weight",
+    "gamma": "kl_weight",
+    "seed": "mining_seed (triplet), init_seed (circuit breakers) or objective.init_args.direction_seed (LAT RMU)",
+    "adversary_layers": "adversary.layers",
+    "epsilon": "adversary.epsilon",
+    "epsilon_scale": "adversary.epsilon_scale",
+    "adversary_steps": "adversary.steps",
+    "adversary_lr": "adversary.lr",
+    "adversary_positions": "adversary.positions",
+    "adversary_tokens": "adversary.tokens",
+    "adversary_toward": "objective: {class_path: lit_safety.methods.lat_objectives.Refusal, init_args: {adversary_toward: ...}}",
+    "adversary_away": "the Refusal objective's init_args.adversary_away",
+    "model_toward": "the Refusal or DPO objective's init_args.model_toward",
+    "model_away": "the Refusal objective's init_args.model_away",
+    "benign_loss": "nothing (benign SFT is the objective's retain term; RMU keeps states)",
+    "dpo_beta": "objective: {class_path: lit_safety.methods.lat_objectives.DPO, init_args: {beta: ...}}",
+    "rmu_layer": "objective: {class_path: lit_safety.methods.lat_objectives.RMU, init_args: {layer: ...}}",
+    "rmu_steering": "the RMU objective's init_args.steering",
+    "rmu_positions": "the RMU objective's init_args.positions",
+}
+OBJECTIVES = {"refusal": "Refusal", "dpo": "DPO", "rmu": "RMU", "gradient_ascent": "GradientAscent"}
+VALUES = {"layer_norm": "reference_norm"}
+
+
+def _message(where: str, key: str, value=None) -> str:
+    if key == "objective" and isinstance(value, str) and value in OBJECTIVES:
+        return (f"{where}: `objective: {value}` is now a component: objective: {{class_path: "
+                f"lit_safety.methods.lat_objectives.{OBJECTIVES[value]}}}")
+    if isinstance(value, str) and value in VALUES:
+        return f"{where}: the value {value!r} of {key} is now {VALUES[value]!r}"
+    return f"{where}: option {key!r} was renamed or moved; write {RENAMED[key]}"
+
+
+def _is_old(key: str, value) -> bool:
+    if key == "model" and not isinstance(value, str):
+        return False
+    if key == "objective" and isinstance(value, str):
+        return True
+    return key in RENAMED or (isinstance(value, str) and value in VALUES)
+
+
+def renamed_options(config: dict, where: str) -> list[str]:
+    """Messages for every old option in a parsed config (its ``model`` section) or suite."""
+    model = config.get("model") if isinstance(config, dict) else None
+    init = model.get("init_args", {}) if isinstance(model, dict) else {}
+    if not isinstance(init, dict):
+        return []
+    return [_message(where, k, v) for k, v in init.items() if _is_old(k, v)]
+
+
+def check_renamed_options(args: list[str] | None) -> None:
+    """Exit with one line per old option found in ``--config`` files or ``--model.X`` arguments."""
+    args = sys.argv[1:] if args is None else args
+    messages = []
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg == "--config" and i + 1 < len(args) else arg.partition("=")[2] \
+            if arg.startswith("--config=") else None
+        if path:
+            try:
+                with open(path) as f:
+                    config = yaml.safe_load(f)
+            except (OSError, yaml.YAMLError):
+                continue  # the CLI itself reports files it cannot read
+            messages += renamed_options(config or {}, path)
+        match = re.fullmatch(r"--model\.(?:init_args\.)?(\w+)(?:=(.*))?", arg)
+        if match and _is_old(match[1], match[2] if match[2] is not None else {}):
+            messages.append(_message(arg, match[1], match[2]))
+    if messages:
+        sys.exit("\n".join(f"error: {m}" for m in messages))
