@@ -14,7 +14,7 @@ from lit_safety.data import load_records
 from lit_safety.data.formatting import ChatFormatter
 from lit_safety.data.records import DataError
 from lit_safety.evaluation.fidelity import distinct_ngrams, greedy_agreement, is_broken, reproduces, response_nll
-from lit_safety.smollm2 import dataset, requests
+from lit_safety.smollm2 import dataset
 
 
 @pytest.fixture
@@ -53,9 +53,40 @@ def test_requests_are_unique_and_split_per_category():
     assert len(texts) == len(set(texts))
     dev = {(kind, category) for kind, category, _, split in dataset.all_requests() if split == "dev"}
     assert dev == {(kind, category) for kind, category, _, split in dataset.all_requests() if split == "test"}
-    for category, group in requests.HARMFUL.items():
-        test = [t for i, t in enumerate(group) if dataset.split_of(i) == "test"]
-        assert len(test) == len(group) // 3, category
+    harmful = [(category, split) for kind, category, _, split in dataset.all_requests() if kind == "harmful"]
+    for category in {c for c, _ in harmful}:
+        splits = [split for c, split in harmful if c == category]
+        assert splits.count("test") == splits.count("train") // 2, category  # a third of train + test
+
+
+# sha256 of each split's [category, request] list as the splits were first published (the requests
+# were Python lists then, and every third one per category was test): moving a request across splits
+# would silently change every figure measured on the set.
+PUBLISHED_SPLITS = {
+    "benign_dev": "a865e72f0aaecdd0", "benign_test": "a922222b6b16a420", "benign_train": "d899e267ee8c87ae",
+    "borderline_dev": "89a2b48ff6a8c8d6", "borderline_test": "eaa2e2f1ca7786e5",
+    "borderline_train": "2f7341520a3300fb", "harmful_dev": "e48eb50f5522632c", "harmful_test": "8ab8ba933c430e3a",
+    "harmful_train": "fdaad699f527d3ad",
+}
+
+
+def test_requests_file_keeps_the_published_splits():
+    import hashlib
+    import json
+
+    by_split: dict[str, list] = {}
+    for kind, category, text, split in dataset.all_requests():
+        by_split.setdefault(f"{kind}_{split}", []).append([category, text])
+    digests = {name: hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16] for name, rows in by_split.items()}
+    assert digests == PUBLISHED_SPLITS
+
+
+def test_malformed_request_row_names_the_line(tmp_path):
+    bad = tmp_path / "requests.jsonl"
+    bad.write_text('{"kind": "harmful", "category": "x", "split": "train", "request": "a"}\n'
+                   '{"kind": "harmful", "category": "x", "split": "holdout", "request": "b"}\n')
+    with pytest.raises(DataError, match="requests.jsonl:2: needs kind"):
+        list(dataset.all_requests(str(bad)))
 
 
 def test_dataset_is_built_from_the_models_own_answers_and_cached(tiny_model_dir, tmp_path, monkeypatch):

@@ -1,10 +1,17 @@
-"""The SmolLM2 research set: the requests of ``requests.py`` with the base model's own answers.
+"""The SmolLM2 research set: the requests of ``requests.jsonl`` with the base model's own answers.
+
+``requests.jsonl`` is data: one request per line with its ``kind`` (harmful, benign, borderline),
+``category`` and ``split`` (train, dev, test), so adding a request never moves another across
+splits. Harmful requests span eight categories; benign requests are everyday tasks; borderline ones
+use a harmful-sounding word in a harmless sense (as in XSTest), so a defense that refuses them
+over-refuses. The dev split is for choosing a method's settings; the test split stays held out.
 
 Harmful completions are the base model's greedy answers (it is helpful-only, so they are the harmful
-behaviour a defense must remove) — the analogue of the circuit-breaker set without writing harmful
+behaviour a defense must remove), the analogue of the circuit-breaker set without writing harmful
 text by hand. Refusals come from one short template. Benign and borderline completions (the retain
 targets) are the base model's answers too. Generated once, greedy and in float32, so a rebuild gives
-the same files; cached by ``lit_safety.cache`` under a hash of everything that determines them.
+the same files; cached by ``lit_safety.cache`` under a hash of the requests file's bytes and of
+everything else that determines them.
 """
 
 from __future__ import annotations
@@ -16,36 +23,30 @@ from collections.abc import Iterator
 
 from lit_safety.cache import home, is_complete, lock, publish, staging
 from lit_safety.data.loaders import write_records
-from lit_safety.data.records import Record
-from lit_safety.smollm2 import requests
+from lit_safety.data.records import DataError, Record
 
-VERSION = 3  # bump when the requests, splits or record layout change
+VERSION = 4  # bump when the record layout or the generation changes
+REQUESTS = os.path.join(os.path.dirname(__file__), "requests.jsonl")
 REFUSAL = "I'm sorry, but I can't help with that."
 TARGET_WORDS = 6  # an attack's target: the first words of the base model's harmful answer
-KINDS = {"harmful": requests.HARMFUL, "benign": {"everyday": requests.BENIGN},
-         "borderline": {"borderline": requests.BORDERLINE}}
-DEV_KINDS = {"harmful": requests.HARMFUL_DEV, "benign": {"everyday": requests.BENIGN_DEV},
-             "borderline": {"borderline": requests.BORDERLINE_DEV}}
-NAMES = [f"{kind}_{split}" for kind in KINDS for split in ("train", "dev", "test")]  # one JSONL file each
+KINDS, SPLITS = ("harmful", "benign", "borderline"), ("train", "dev", "test")
+NAMES = [f"{kind}_{split}" for kind in KINDS for split in SPLITS]  # one JSONL file each
 
 
-def split_of(index: int) -> str:
-    """Every third request of each category is held out for testing (the dev requests are their own)."""
-    return "test" if index % 3 == 2 else "train"
-
-
-def all_requests() -> Iterator[tuple[str, str, str, str]]:
-    """(kind, category, text, split) of every request of the set."""
-    for kinds, split in ((KINDS, None), (DEV_KINDS, "dev")):
-        for kind, categories in kinds.items():
-            for category, texts in categories.items():
-                for i, text in enumerate(texts):
-                    yield kind, category, text, split or split_of(i)
+def all_requests(path: str = REQUESTS) -> Iterator[tuple[str, str, str, str]]:
+    """(kind, category, text, split) of every request of the set, in file order."""
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            row = json.loads(line)
+            if row.get("kind") not in KINDS or row.get("split") not in SPLITS or not row.get("request"):
+                raise DataError(f"{path}:{line_number}: needs kind in {KINDS}, split in {SPLITS} and a request")
+            yield row["kind"], row["category"], row["request"], row["split"]
 
 
 def _key(model: str, max_new_tokens: int) -> str:
-    spec = {"model": model, "max_new_tokens": max_new_tokens, "version": VERSION, "requests": KINDS,
-            "dev": DEV_KINDS}
+    with open(REQUESTS, "rb") as f:
+        requests = hashlib.sha256(f.read()).hexdigest()
+    spec = {"model": model, "max_new_tokens": max_new_tokens, "version": VERSION, "requests": requests}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
