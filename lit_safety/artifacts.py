@@ -69,6 +69,12 @@ def load_module(checkpoint_path: str, map_location: str = "cpu"):
     module_name, _, class_name = checkpoint["lit_safety_class"].rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
     hparams = dict(checkpoint["hyper_parameters"])
+    from lit_safety.migrations import renamed_options
+
+    old = renamed_options({"model": {"init_args": hparams}}, checkpoint_path)
+    if old:
+        raise ArtifactError(f"{old[0]} (a checkpoint of an earlier lit_safety: retrain, or pass its adapter "
+                            "weights to a module built with the new options)")
     if hparams.pop("_instantiator", None) is not None:
         # Written by the CLI: the hyperparameters are the config (class paths and init args).
         from lightning.pytorch.cli import instantiate_module

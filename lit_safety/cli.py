@@ -19,6 +19,11 @@ from lit_safety.migrations import check_renamed_options
 
 
 class LitSafetyCLI(LightningCLI):
+    def before_fit(self) -> None:
+        # `checkpoints/last.ckpt` is the one path to resume or evaluate from, whatever the schedule.
+        if self.trainer.checkpoint_callback is not None:
+            self.trainer.checkpoint_callback.save_last = True
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(SafetyEvaluation, "evaluation", subclass_mode=True, required=False)
         parser.set_defaults({"data": lazy_instance(SafetyDataModule), "evaluation": lazy_instance(SafetyEvaluation)})

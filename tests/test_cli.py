@@ -79,3 +79,37 @@ def test_stacked_configs_and_print_config(tiny_args, tmp_path, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["init_args"]["refusal_weight"] == 3.5
     assert printed["model"]["init_args"]["lora_rank"] == 2
+
+
+def test_a_config_with_renamed_options_says_what_to_write(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  class_path: lit_safety.TargetedLATModule\n  init_args:\n    model: organism\n"
+                   "    objective: rmu\n    adversary_steps: 4\n    epsilon_scale: layer_norm\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(old)], run=False)
+    lines = str(exit_info.value).splitlines()
+    assert len(lines) == 4, lines  # one line per old option
+    assert any("write base_model" in line for line in lines)
+    assert any("lit_safety.methods.lat_objectives.RMU" in line for line in lines)
+    assert any("adversary.steps" in line for line in lines)
+    assert all(str(old) in line for line in lines)
+    with pytest.raises(SystemExit, match="coefficient_scale"):
+        main(["fit", "--config", "configs/circuit_breaker.yaml", "--model.alpha=3"], run=False)
+
+
+def test_every_cli_checkpoint_rebuilds_its_module(tiny_args, tmp_path):
+    from lit_safety.artifacts import ArtifactError, load_module
+
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "lat_unlearn.yaml")
+    cli = main(["fit", "--config", config, *tiny_args, "--trainer.max_steps=2", "--model.adversary.steps=1",
+                "--model.objective.init_args.layer=1", "--model.adversary.layers=[0]", "--data.val_fraction=0"])
+    checkpoint = os.path.join(cli.trainer.log_dir, "checkpoints", "last.ckpt")
+    module = load_module(checkpoint)  # CLI checkpoints hold the config, class paths included
+    assert type(module.objective).__name__ == "RMU" and module.objective.layer == 1
+    assert torch.equal(module.calibration["rmu_control"], cli.model.calibration["rmu_control"].cpu())
+    trained = cli.model.state_dict()
+    assert all(torch.equal(v, trained[k].cpu()) for k, v in module.state_dict().items())
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ArtifactError, match="junk.ckpt is not a checkpoint"):
+        load_module(str(junk))
