@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import glob
 import json
 import os
 import shutil
@@ -56,8 +55,7 @@ def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str,
                              *logger, "--trainer.logger.init_args.name", name,
                              "--trainer.logger.init_args.version", f"seed{seed}"],
                             os.path.join(work, f"{name}_seed{seed}_fit.log"), threads)
-        (checkpoint,) = glob.glob(os.path.join(work, name, f"seed{seed}", "checkpoints", "*.ckpt"))
-        test += ["--ckpt_path", checkpoint]
+        test += ["--ckpt_path", os.path.join(work, name, f"seed{seed}", "checkpoints", "last.ckpt")]
     eval_seconds = run(test, os.path.join(work, f"{name}_seed{seed}_test.log"), threads)
     with open(os.path.join(work, f"{name}_test", f"seed{seed}", "eval_results.json")) as f:
         results = {**json.load(f), "train_seconds": train_seconds, "eval_seconds": eval_seconds, "n": n}
