@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -22,3 +23,30 @@ def run(args: list[str], log: str, threads: int | None = None) -> float:
     if done.returncode:
         raise SystemExit(f"`lit_safety {' '.join(args[:3])}` failed; see {log}")
     return time.perf_counter() - start
+
+
+def atomic_write(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a killed benchmark leaves the
+    old file or the new one, never a truncated one that ``--reuse`` would trust."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def interval_cell(rate: dict) -> str:
+    """A rate with its 95% Wilson interval: ``0.50 [0.30, 0.70]``."""
+    return f"{rate['rate']:.2f} [{rate['low']:.2f}, {rate['high']:.2f}]"
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, min and max of one figure over seeds, with the values."""
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "values": values}
+
+
+def spread_cell(summary: dict | None) -> str:
+    """A mean over seeds with its (min-max) spread when the seeds differ; — where nothing ran."""
+    if summary is None:
+        return "—"
+    detail = f" ({summary['min']:.2f}-{summary['max']:.2f})" if len(summary["values"]) > 1 else ""
+    return f"{summary['mean']:.2f}{detail}"

@@ -19,10 +19,13 @@ import concurrent.futures
 import json
 import os
 import shutil
-import statistics
+import sys
 import time
 
-from common import ROOT, run
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import ROOT, atomic_write, run, spread, spread_cell
 
 METHODS = {
     "base": None,
@@ -40,7 +43,7 @@ def result_path(work: str, name: str, seed: int) -> str:
 
 
 def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str, reuse: bool = False,
-                    threads: int | None = None) -> dict:
+                    threads: int | None = None, extra: tuple[str, ...] = ()) -> dict:
     saved = result_path(work, name, seed)
     if reuse and os.path.isfile(saved):
         with open(saved) as f:
@@ -48,24 +51,20 @@ def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str,
     logger = ["--trainer.logger.init_args.save_dir", work, "--trainer.enable_progress_bar=false"]
     train_seconds = 0.0
     test = ["test", "--config", config or "configs/evaluate.yaml", f"--data.init_args.test_size={n}", *logger,
-            "--trainer.logger.init_args.name", f"{name}_test", "--trainer.logger.init_args.version", f"seed{seed}"]
+            "--trainer.logger.init_args.name", f"{name}_test", "--trainer.logger.init_args.version", f"seed{seed}",
+            *extra]
     if config is not None:
         shutil.rmtree(os.path.join(work, name, f"seed{seed}"), ignore_errors=True)  # no stale checkpoints
         train_seconds = run(["fit", "--config", config, "--seed_everything", str(seed), f"--data.init_args.seed={seed}",
                              *logger, "--trainer.logger.init_args.name", name,
-                             "--trainer.logger.init_args.version", f"seed{seed}"],
+                             "--trainer.logger.init_args.version", f"seed{seed}", *extra],
                             os.path.join(work, f"{name}_seed{seed}_fit.log"), threads)
         test += ["--ckpt_path", os.path.join(work, name, f"seed{seed}", "checkpoints", "last.ckpt")]
     eval_seconds = run(test, os.path.join(work, f"{name}_seed{seed}_test.log"), threads)
     with open(os.path.join(work, f"{name}_test", f"seed{seed}", "eval_results.json")) as f:
         results = {**json.load(f), "train_seconds": train_seconds, "eval_seconds": eval_seconds, "n": n}
-    with open(saved, "w") as f:
-        json.dump(results, f)
+    atomic_write(saved, json.dumps(results))
     return results
-
-
-def summarise(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "values": values}
 
 
 def aggregate(per_seed: dict[str, list[dict]]) -> dict:
@@ -76,25 +75,18 @@ def aggregate(per_seed: dict[str, list[dict]]) -> dict:
         for attack, splits in first["asr"].items():
             for split in splits:
                 row["asr"].setdefault(attack, {})[split] = {
-                    **summarise([r["asr"][attack][split]["rate"] for r in runs]),
+                    **spread([r["asr"][attack][split]["rate"] for r in runs]),
                     "intervals": [[r["asr"][attack][split]["low"], r["asr"][attack][split]["high"]] for r in runs],
                     "n": first["asr"][attack][split]["n"],
                 }
-                row["gibberish"].setdefault(attack, {})[split] = summarise([r["gibberish"][attack][split] for r in runs])
-        row["benign_accuracy"] = {k: summarise([r["benign_accuracy"][k] for r in runs]) for k in first["benign_accuracy"]}
-        row["benign_kl"] = {k: summarise([r["benign_kl"][k] for r in runs]) for k in first["benign_kl"]}
-        row["over_refusal"] = {k: summarise([r["over_refusal"][k] for r in runs]) for k in first["over_refusal"]}
-        row["train_seconds"] = summarise([r["train_seconds"] for r in runs])
-        row["eval_seconds"] = summarise([r["eval_seconds"] for r in runs])
+                row["gibberish"].setdefault(attack, {})[split] = spread([r["gibberish"][attack][split] for r in runs])
+        row["benign_accuracy"] = {k: spread([r["benign_accuracy"][k] for r in runs]) for k in first["benign_accuracy"]}
+        row["benign_kl"] = {k: spread([r["benign_kl"][k] for r in runs]) for k in first["benign_kl"]}
+        row["over_refusal"] = {k: spread([r["over_refusal"][k] for r in runs]) for k in first["over_refusal"]}
+        row["train_seconds"] = spread([r["train_seconds"] for r in runs])
+        row["eval_seconds"] = spread([r["eval_seconds"] for r in runs])
         table[method] = row
     return table
-
-
-def cell(summary: dict | None) -> str:
-    if summary is None:
-        return "—"  # the attack did not run on this split (configs/suite.yaml, attack_splits)
-    spread = f" ({summary['min']:.2f}-{summary['max']:.2f})" if len(summary["values"]) > 1 else ""
-    return f"{summary['mean']:.2f}{spread}"
 
 
 def markdown(table: dict, budgets: dict, seeds: int, n: int, seed_seconds: list[float | None], jobs: int) -> str:
@@ -103,7 +95,7 @@ def markdown(table: dict, budgets: dict, seeds: int, n: int, seed_seconds: list[
     for attack in attacks:
         lines += [f"**{attack}**", "", "| method | " + " | ".join(SPLITS) + " |", "|---" * (len(SPLITS) + 1) + "|"]
         for method, row in table.items():
-            lines.append(f"| {method} | " + " | ".join(cell(row["asr"][attack].get(s)) for s in SPLITS) + " |")
+            lines.append(f"| {method} | " + " | ".join(spread_cell(row["asr"][attack].get(s)) for s in SPLITS) + " |")
         lines.append("")
     lines += ["**capability and cost**", "",
               "| method | benign acc. A | B | C | benign KL (A) | borderline over-refusal | borderline acc. | "
@@ -111,9 +103,9 @@ def markdown(table: dict, budgets: dict, seeds: int, n: int, seed_seconds: list[
     for method, row in table.items():
         acc = row["benign_accuracy"]
         lines.append(
-            f"| {method} | {cell(acc['A'])} | {cell(acc['B'])} | {cell(acc['C'])} | {row['benign_kl']['A']['mean']:.4f} | "
-            f"{cell(row['over_refusal']['borderline'])} | {cell(acc['borderline'])} | "
-            f"{cell(row['gibberish']['prefill']['train'])} | {row['train_seconds']['mean']:.0f} | {row['eval_seconds']['mean']:.0f} |")
+            f"| {method} | {spread_cell(acc['A'])} | {spread_cell(acc['B'])} | {spread_cell(acc['C'])} | {row['benign_kl']['A']['mean']:.4f} | "
+            f"{spread_cell(row['over_refusal']['borderline'])} | {spread_cell(acc['borderline'])} | "
+            f"{spread_cell(row['gibberish']['prefill']['train'])} | {row['train_seconds']['mean']:.0f} | {row['eval_seconds']['mean']:.0f} |")
     walls = ", ".join("n/a" if s is None else f"{s / 60:.1f}" for s in seed_seconds)
     side = ("; train s and eval s are each method's own wall times, measured while another method ran"
             if jobs > 1 else "")
@@ -150,7 +142,7 @@ def plot(table: dict, path: str) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=1, help="seeds per method (default 1)")
     parser.add_argument("--n", type=int, default=50, help="behaviours per split (default 50)")
@@ -162,7 +154,9 @@ def main() -> None:
                         help="reuse finished (method, seed) results found in --work instead of re-running them")
     parser.add_argument("--jobs", type=int, default=2,
                         help="methods trained and attacked side by side, each with cores/jobs threads (default 2)")
-    args = parser.parse_args()
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                        help="options appended to every fit and test command (e.g. --trainer.max_steps=2)")
+    args = parser.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     per_seed: dict[str, list[dict]] = {}
@@ -174,13 +168,13 @@ def main() -> None:
         reused = [m for m in args.methods if args.reuse and os.path.isfile(result_path(args.work, m, seed))]
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-            futures = {m: pool.submit(evaluate_method, m, METHODS[m], seed, args.n, args.work, args.reuse, threads)
+            futures = {m: pool.submit(evaluate_method, m, METHODS[m], seed, args.n, args.work, args.reuse, threads,
+                                          tuple(args.extra))
                        for m in order}
             results = {m: futures[m].result() for m in args.methods}
         if not reused:
             seed_seconds.append(time.perf_counter() - start)
-            with open(wall, "w") as f:
-                json.dump({"seconds": seed_seconds[-1], "jobs": args.jobs, "methods": args.methods}, f)
+            atomic_write(wall, json.dumps({"seconds": seed_seconds[-1], "jobs": args.jobs, "methods": args.methods}))
         elif len(reused) == len(args.methods) and os.path.isfile(wall):
             with open(wall) as f:
                 saved = json.load(f)
@@ -200,11 +194,9 @@ def main() -> None:
     budgets = next(iter(per_seed.values()))[0]["budgets"]
     out = {"seeds": args.seeds, "n": args.n, "jobs": args.jobs, "seed_wall_seconds": seed_seconds,
            "budgets": budgets, "methods": table}
-    with open(os.path.join(args.out, "organism_table.json"), "w") as f:
-        json.dump(out, f, indent=1)
+    atomic_write(os.path.join(args.out, "organism_table.json"), json.dumps(out, indent=1))
     text = markdown(table, budgets, args.seeds, args.n, seed_seconds, args.jobs)
-    with open(os.path.join(args.out, "organism_table.md"), "w") as f:
-        f.write(text)
+    atomic_write(os.path.join(args.out, "organism_table.md"), text)
     plot(table, os.path.join(args.out, "organism_table.png"))
     print(json.dumps({m: {"asr_embedding_heldout": r["asr"]["embedding"]["heldout_synonym"]["mean"],
                           "benign_accuracy_A": r["benign_accuracy"]["A"]["mean"]} for m, r in table.items()}))

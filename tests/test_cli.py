@@ -51,7 +51,7 @@ def test_fit_fast_dev_run_and_adapter_only_checkpoint_resume(tiny_args, tmp_path
     events = glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))
     assert events and os.path.isfile(os.path.join(log_dir, "config.yaml"))
     assert os.path.isfile(os.path.join(log_dir, "adapter", "adapter_config.json"))
-    (ckpt,) = glob.glob(os.path.join(log_dir, "checkpoints", "*.ckpt"))
+    ckpt = os.path.join(log_dir, "checkpoints", "last.ckpt")
     state = torch.load(ckpt, weights_only=False)
     keys = list(state["state_dict"])
     assert keys and all("lora_" in k for k in keys)

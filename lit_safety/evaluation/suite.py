@@ -28,6 +28,7 @@ from lit_safety.evaluation.attacks import (
     LatentAttack,
     PrefillAttack,
 )
+from lit_safety.evaluation.fidelity import FidelityMeasures
 from lit_safety.evaluation.judges import make_judge
 from lit_safety.evaluation.metrics import VerdictRates
 from lit_safety.evaluation.report import plot_asr, to_markdown
@@ -62,6 +63,12 @@ class SafetyEvaluation(L.Callback):
         projector_layer: decoder layer whose mean-pooled prompt states go to TensorBoard's
             embedding projector (None disables it).
         max_prompt_length: prompt tokens kept.
+        fidelity: also measure what models without ground-truth answers need: broken and
+            reproduced harmful responses, token agreement on benign completions
+            (``lit_safety.evaluation.fidelity.FidelityMeasures``).
+        fidelity_tokens: completion tokens the token agreement covers.
+        keep_responses: keep up to this many responses per attack and split in the results (this
+            rank's), e.g. to compare two models' answers.
     """
 
     def __init__(
@@ -72,6 +79,9 @@ class SafetyEvaluation(L.Callback):
         attack_splits: dict[str, list[str]] | None = None,
         projector_layer: int | None = -1,
         max_prompt_length: int = 512,
+        fidelity: bool = False,
+        fidelity_tokens: int = 32,
+        keep_responses: int = 0,
     ):
         self.attacks = list(attacks) if attacks is not None else [DirectRequest(), PrefillAttack()]
         self.benign_request = next((a for a in self.attacks if isinstance(a, DirectRequest)), DirectRequest())
@@ -79,6 +89,9 @@ class SafetyEvaluation(L.Callback):
         self.attack_splits = attack_splits or {}
         self.projector_layer = projector_layer
         self.max_prompt_length = max_prompt_length
+        self.fidelity = FidelityMeasures(fidelity_tokens) if fidelity else None
+        self.keep_responses = keep_responses
+        self.responses: dict[str, dict[str, list[str]]] = {}
         self.metrics = nn.ModuleDict()  # "attack|split" -> VerdictRates, "kl|split" -> MeanMetric
         self.harmful_splits: set[str] = set()
         self._judge = None
@@ -112,8 +125,12 @@ class SafetyEvaluation(L.Callback):
                     self.metrics[f"{name}|{split}"] = VerdictRates().to(device)
                 if not harmful:
                     self.metrics[f"kl|{split}"] = MeanMetric().to(device)
+            if self.fidelity is not None:
+                keys = [(a.name, s) for s, harmful in splits.items() if harmful for a in self._attacks_for(s)]
+                self.fidelity.prepare(keys, [s for s, harmful in splits.items() if not harmful], device)
         self.projected = defaultdict(list)
         self.seconds = defaultdict(float)
+        self.responses = {}
 
     def evaluate(self, model, tokenizer, split: str, records: Sequence[Record], reference=None) -> None:
         """Update the metrics with one batch of one split's records."""
@@ -124,16 +141,27 @@ class SafetyEvaluation(L.Callback):
             start = time.perf_counter()
             responses = attack.run(model, formatter, harmful, self.judge).responses
             self.seconds[attack.name] += time.perf_counter() - start
-            self.metrics[f"{attack.name}|{split}"].update(
-                self.judge(r, response) for r, response in zip(harmful, responses))
+            verdicts = [self.judge(r, response) for r, response in zip(harmful, responses)]
+            self.metrics[f"{attack.name}|{split}"].update(verdicts)
+            self._keep(attack.name, split, responses)
+            if self.fidelity is not None and reference is not None:
+                self.fidelity.update_harmful(model, formatter, attack.name, split, harmful, responses, verdicts,
+                                             reference)
         if other:
             responses = self.benign_request.run(model, formatter, other).responses
             self.metrics[f"direct|{split}"].update(
                 self.judge(r, response) for r, response in zip(other, responses))
+            self._keep("direct", split, responses)
             if reference is not None:
                 self.metrics[f"kl|{split}"].update(benign_kl(model, formatter, other, reference), len(other))
+            if self.fidelity is not None:
+                self.fidelity.update_benign(model, formatter, split, other)
         if self.projector_layer is not None:
             self._project(model, formatter, records)
+
+    def _keep(self, attack: str, split: str, responses: Sequence[str]) -> None:
+        kept = self.responses.setdefault(attack, {}).setdefault(split, [])
+        kept += list(responses)[: self.keep_responses - len(kept)]
 
     def _attacks_for(self, split: str) -> list[Attack]:
         return [a for a in self.attacks if split in self.attack_splits.get(a.name, [split])]
@@ -169,6 +197,10 @@ class SafetyEvaluation(L.Callback):
                 out["benign_accuracy"][split] = value["rate"]
                 out["over_refusal"][split] = value["refusal"]
             metric.reset()
+        if self.fidelity is not None:
+            out.update(self.fidelity.results())
+        if self.keep_responses:
+            out["responses"] = self.responses
         if self.judge_name == "refusal_prefix":
             out["judge"] = "refusal_prefix (PROXY: counts every non-refusal as success)"
         return out

@@ -1,0 +1,34 @@
+"""Each benchmark script runs end to end on the tiny organism (a smoke test: the figures are
+meaningless here, the plumbing from `fit` and `test` to the result files is what is checked)."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import organism_table, smollm2
+
+
+def test_organism_table_runs_on_the_tiny_organism(tmp_path):
+    organism_table.main(["--methods", "base", "refusal_sft", "--n", "2", "--jobs", "1", "--out", str(tmp_path),
+                         "--work", str(tmp_path / "work"), "--extra", "--trainer.max_steps=2"])
+    table = json.loads((tmp_path / "organism_table.json").read_text())
+    assert set(table["methods"]) == {"base", "refusal_sft"}
+    assert table["methods"]["refusal_sft"]["asr"]["prefill"]["train"]["n"] == 2
+    assert "| refusal_sft |" in (tmp_path / "organism_table.md").read_text()
+    assert (tmp_path / "organism_table.png").stat().st_size > 0
+
+
+def test_smollm2_benchmark_runs_with_another_model_and_data(tmp_path, tiny_model_dir, data_files):
+    streams = {k: {"sources": [v], "max_prompt_length": 16, "max_completion_length": 8} for k, v in data_files.items()}
+    splits = {"harmful": [data_files["harmful"]], "benign": [data_files["benign"]], "borderline": [data_files["benign"]]}
+    smollm2.main(["--methods", "base", "refusal_sft", "--out", str(tmp_path), "--work", str(tmp_path / "work"),
+                  "--tokenizer", tiny_model_dir, "--extra", f"--model.init_args.base_model={tiny_model_dir}",
+                  f"--data.init_args.streams={json.dumps(streams)}", f"--data.init_args.test_splits={json.dumps(splits)}",
+                  "--trainer.max_steps=2", "--evaluation.init_args.projector_layer=null"])
+    results = json.loads((tmp_path / "smollm2.json").read_text())
+    rows = results["rows"]
+    assert set(rows) == {"base", "refusal_sft"}
+    assert rows["base"]["benign_unchanged_32_tokens"]["rate"] == 1.0  # the base reproduces itself
+    assert rows["base"]["benign_kl"] == 0.0 and rows["base"]["n"]["harmful"] == 12
+    assert 0.0 <= rows["refusal_sft"]["harmful_refused_or_broken"] <= 1.0
+    assert "| refusal_sft |" in (tmp_path / "smollm2.md").read_text()
