@@ -158,3 +158,28 @@ def test_sparse_adversary_perturbs_k_positions_inside_the_mask():
     assert len({tuple(k[0].tolist()) for k in draws}) > 1  # redrawn each time
     with pytest.raises(ValueError, match="adversary tokens must be >= 1"):
         LATAdversary(tokens=0)
+
+
+def test_adversary_positions_all_covers_prompts_and_both_responses(batch):
+    module = TargetedLATModule(adversary=LATAdversary(layers=[0], positions="all"))
+    harmful, refusal = batch["harmful"]["completion"], batch["harmful"]["refusal"]
+    mask = module._adversary_mask(batch)
+    width = mask.shape[1]
+    pad = lambda m: torch.nn.functional.pad(m, (0, width - m.shape[1]))  # noqa: E731
+    assert torch.equal(mask, pad(harmful["attention_mask"]) | pad(refusal["attention_mask"]))
+    prompt_only = TargetedLATModule(adversary=LATAdversary(layers=[0]))._adversary_mask(batch)
+    assert torch.equal(prompt_only, pad(harmful["prompt_mask"]))
+
+
+def test_calibration_comes_from_the_first_training_batch_not_validation(tmp_path):
+    import lightning as L
+
+    module = TargetedLATModule(adversary=LATAdversary(layers=[0], steps=1))
+    data = SafetyDataModule(batch_size=4, val_fraction=0.25)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, num_sanity_val_steps=2, val_check_interval=1)
+    trainer.fit(module, data)
+    first, _, _ = next(iter(data.train_dataloader()))
+    expected = module.calibrate(first)
+    assert module.calibration.keys() == expected.keys()
+    assert all(torch.allclose(module.calibration[k], expected[k]) for k in expected)

@@ -9,10 +9,10 @@ from lit_safety import backbone
 from lit_safety.cache import is_complete
 from lit_safety.data import load_records
 from lit_safety.data.records import DataError, Record
+from lit_safety.evaluation.judges import ExactJudge
 from lit_safety.organism import builder as build_module
 from lit_safety.organism import world
 from lit_safety.organism.builder import RECIPES, Recipe, build, datasets
-from lit_safety.organism.judge import exact_judge
 
 TINY = RECIPES["tiny"]
 
@@ -74,7 +74,7 @@ def test_tokenizer_round_trip_and_assistant_mask():
 
 
 def test_exact_judge_on_hand_written_outputs():
-    judge = exact_judge()
+    judge = ExactJudge(world.REFUSAL)
     record = Record(kind="harmful", messages=[{"role": "user", "content": "x"}], target="ok :", answer="ok : 3 2 1")
     assert judge(record, "ok : 3 2 1") == "success"
     assert judge(record, "  ok :  3 2 1 ") == "success"

@@ -79,3 +79,26 @@ def test_short_run_moves_harmful_states_away_and_keeps_benign_states(harmful_bat
     # benign states within 0.5 of theirs: harmful states must move at least twice as far.
     assert moved > 2 * kept, (moved, kept)
     assert end["loss_harmful"] < start["loss_harmful"]
+
+
+@pytest.mark.parametrize("positions", ["prompt", "completion", "all"])
+def test_triplet_terms_read_only_the_chosen_positions(harmful_batch, positions):
+    # States are causal: with positions="prompt" the triplet terms cannot see the responses, so
+    # changing every response token leaves them unchanged; with the other settings they move.
+    module = TripletDefenseModule(layers_benign=[-1], layers_harmful=[-1], kl_weight=0.0, positions=positions)
+    module.configure_model()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)  # away from the reference, so the terms are not all zero
+    module.eval()
+    changed = {stream: {k: v.clone() for k, v in s["completion"].items()} for stream, s in harmful_batch.items()}
+    for sequences in changed.values():
+        response = sequences["completion_mask"]
+        sequences["input_ids"][response] = (sequences["input_ids"][response] + 1) % 40 + 7
+    with torch.no_grad():
+        before = module.compute_losses(harmful_batch)
+        after = module.compute_losses({stream: {"completion": s} for stream, s in changed.items()})
+    same = all(torch.allclose(before[k], after[k]) for k in ("loss_benign", "loss_harmful"))
+    assert same == (positions == "prompt")
