@@ -27,7 +27,7 @@ def test_rerouting_has_a_gradient_from_the_first_step():
     module.configure_model()
     data = SafetyDataModule(batch_size=4, val_fraction=0.0, tokenizer="organism")
     data.setup("fit")
-    batch = next(iter(data.train_dataloader()))[0]
+    batch = next(iter(data.train_dataloader()))
     module.train()
     module.compute_losses(batch)["loss_reroute"].backward()
     grads = [p.grad.abs().sum() for n, p in module.named_parameters() if "lora_" in n and p.grad is not None]

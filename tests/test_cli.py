@@ -58,7 +58,8 @@ def test_fit_fast_dev_run_and_adapter_only_checkpoint_resume(tiny_args, tmp_path
     assert state["lit_safety_class"] == "lit_safety.methods.refusal_sft.RefusalSFTModule"
     trained = {k: v.clone() for k, v in cli.model.state_dict().items()}
 
-    resumed = main(["fit", "--config", config, *tiny_args, "--trainer.max_steps=3", "--ckpt_path", ckpt])
+    resumed = main(["fit", "--config", config, *tiny_args, "--trainer.max_steps=3", "--data.val_fraction=0.25",
+                    "--ckpt_path", ckpt])
     assert resumed.trainer.global_step == 3
     # Resuming loaded the adapter weights, then trained one more step from them.
     assert any(not torch.equal(trained[k], v) for k, v in resumed.model.state_dict().items())

@@ -147,12 +147,12 @@ def test_data_module_streams_split_and_seed(tiny_model_dir, data_files):
     dm = make(0)
     assert {k: len(v) for k, v in dm.train_records.items()} == {"harmful": 9, "benign": 9}
     assert {k: len(v) for k, v in dm.val_records.items()} == {"harmful": 3, "benign": 3}
-    batch, _, _ = next(iter(dm.train_dataloader()))
+    batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"harmful", "benign"}
     assert set(batch["harmful"]) == {"completion", "refusal"} and set(batch["benign"]) == {"completion"}
     assert batch["harmful"]["refusal"]["input_ids"].shape[0] == 4
-    again, _, _ = next(iter(make(0).train_dataloader()))
-    other, _, _ = next(iter(make(1).train_dataloader()))
+    again = next(iter(make(0).train_dataloader()))
+    other = next(iter(make(1).train_dataloader()))
     assert torch.equal(batch["harmful"]["completion"]["input_ids"], again["harmful"]["completion"]["input_ids"])
     assert [r.prompt for r in make(1).val_records["harmful"]] != [r.prompt for r in dm.val_records["harmful"]]
     del other

@@ -50,7 +50,7 @@ def test_sequence_logprob_sums_masked_targets():
 def batch():
     data = SafetyDataModule(batch_size=4, val_fraction=0.0, tokenizer="organism")
     data.setup("fit")
-    return next(iter(data.train_dataloader()))[0]
+    return next(iter(data.train_dataloader()))
 
 
 def test_inner_loop_lowers_the_adversary_objective_without_touching_lora(batch):
@@ -63,7 +63,7 @@ def test_inner_loop_lowers_the_adversary_objective_without_touching_lora(batch):
         return toward(logits, harmful["input_ids"], harmful["completion_mask"])
 
     with adversary.attached():
-        losses = adversary.optimise(objective, steps=10, lr=0.25)
+        losses = adversary.optimise(objective, steps=10, lr=0.05)
     assert losses[-1] < losses[0]
     assert all(p.grad is None for p in model.parameters())
     for name, delta in ((n, adversary.delta(n)) for n in adversary.units):
@@ -179,7 +179,7 @@ def test_calibration_comes_from_the_first_training_batch_not_validation(tmp_path
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, num_sanity_val_steps=2, val_check_interval=1)
     trainer.fit(module, data)
-    first, _, _ = next(iter(data.train_dataloader()))
+    first = next(iter(data.train_dataloader()))
     expected = module.calibrate(first)
     assert module.calibration.keys() == expected.keys()
     assert all(torch.allclose(module.calibration[k], expected[k]) for k in expected)

@@ -12,7 +12,7 @@ from lit_safety.losses import toward
 def harmful_batch():
     data = SafetyDataModule(batch_size=8, val_fraction=0.0, tokenizer="organism")
     data.setup("fit")
-    batch, _, _ = next(iter(data.train_dataloader()))
+    batch = next(iter(data.train_dataloader()))
     return batch
 
 

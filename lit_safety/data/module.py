@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from lit_safety.data.batch import collate_stream
 from lit_safety.data.formatting import ChatFormatter, require_chat_template
 from lit_safety.data.loaders import DataSource, load_records
+from lit_safety.data.order import TrainingBatches
 from lit_safety.data.records import DataError, Record
 
 
@@ -68,8 +69,9 @@ class _StreamDataset(torch.utils.data.Dataset):
 class SafetyDataModule(L.LightningDataModule):
     """Batches of named streams: each training batch is a ``SafetyBatch`` (``lit_safety.data.batch``).
 
-    Every stream is shuffled with its own seeded generator and cycled to the length of the longest
-    one. A fraction of each stream is held out for validation.
+    Every stream is read in seeded permutations, cycled to the length of the longest one, in an order
+    that is a function of the batch index alone (``lit_safety.data.order``): a resumed run reads what
+    an uninterrupted one would. A fraction of each stream is held out for validation.
 
     Args:
         streams: stream name -> sources and lengths. Defaults to the organism's ``harmful`` and
@@ -84,7 +86,6 @@ class SafetyDataModule(L.LightningDataModule):
         test_size: records per evaluation split (the first ones).
         test_batch_size: records per evaluation batch.
         pad_to_multiple_of: pad sequence lengths to a multiple of this (e.g. 8 for tensor cores).
-        num_workers: data loader worker processes.
         seed: seed of the validation split and of the shuffling.
     """
 
@@ -99,7 +100,6 @@ class SafetyDataModule(L.LightningDataModule):
         test_size: int = 100,
         test_batch_size: int = 100,
         pad_to_multiple_of: int | None = None,
-        num_workers: int = 0,
         seed: int = 0,
     ):
         super().__init__()
@@ -117,7 +117,6 @@ class SafetyDataModule(L.LightningDataModule):
         self.test_batch_size = test_batch_size
         self.test_records: dict[str, list[Record]] = {}
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.num_workers = num_workers
         self.seed = seed
         self.train_records: dict[str, list[Record]] = {}
         self.val_records: dict[str, list[Record]] = {}
@@ -188,25 +187,25 @@ class SafetyDataModule(L.LightningDataModule):
         pairs = [(name, record) for name, records in self.test_records.items() for record in records]
         return DataLoader(pairs, batch_size=self.test_batch_size, shuffle=False, collate_fn=_collate_records)
 
-    def _loader(self, name: str, records: list[Record], shuffle: bool) -> DataLoader:
+    def train_dataloader(self) -> TrainingBatches:
+        return TrainingBatches(self.train_records, {name: self._collate(name) for name in self.train_records},
+                               self.batch_size, self.seed, self._loop_position)
+
+    def _loop_position(self) -> tuple[int, int]:
+        """(epoch, batch) where the training loop is about to read: where a resumed run picks up."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return 0, 0
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
+    def _collate(self, name: str):
         stream = self.streams[name]
         formatter = ChatFormatter(self.tokenizer, stream.max_prompt_length, stream.max_completion_length)
-        generator = torch.Generator().manual_seed(self.seed + sum(map(ord, name)))
-        return DataLoader(
-            _StreamDataset(records),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator if shuffle else None,
-            num_workers=self.num_workers,
-            collate_fn=partial(collate_stream, formatter=formatter, pad_to_multiple_of=self.pad_to_multiple_of),
-        )
-
-    def train_dataloader(self) -> CombinedLoader:
-        loaders = {name: self._loader(name, records, True) for name, records in self.train_records.items()}
-        return CombinedLoader(loaders, mode="max_size_cycle")
+        return partial(collate_stream, formatter=formatter, pad_to_multiple_of=self.pad_to_multiple_of)
 
     def val_dataloader(self):
-        loaders = {name: self._loader(name, records, False) for name, records in self.val_records.items() if records}
+        loaders = {name: DataLoader(_StreamDataset(records), batch_size=self.batch_size, collate_fn=self._collate(name))
+                   for name, records in self.val_records.items() if records}
         if not loaders:
             return []
         return CombinedLoader(loaders, mode="max_size_cycle")

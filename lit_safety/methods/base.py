@@ -8,7 +8,10 @@ run is a named hook, called by the base at that moment:
 - ``init_adapters()``: initialise the fresh LoRA weights (peft's default: B = 0);
 - ``calibrate(batch) -> {name: tensor}``: measure scale-relative quantities once, on the first
   training batch, before any step (validation included); the result is ``self.calibration`` and is
-  saved in checkpoints, so a resumed run uses the same values.
+  saved in checkpoints, so a resumed run uses the same values;
+- ``training_state()`` / ``load_training_state(state)``: what a method keeps between steps that is
+  not a weight (a miner, its own random generator), so that a resumed run equals an uninterrupted
+  one. The base adds torch's and Python's global random states.
 
 The base builds the LoRA model in ``configure_model`` (FSDP-ready, idempotent), gives the frozen
 reference through the same weights, logs every term under ``train/`` and ``val/``, keeps only adapter
@@ -19,6 +22,7 @@ weights in checkpoints and exports a PEFT adapter directory at the end of ``fit`
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Sequence
 from functools import cached_property
 
@@ -33,6 +37,7 @@ from lit_safety.backbone import DType, Quantization
 from lit_safety.data.batch import SafetyBatch, check_batch
 
 CALIBRATION_KEY = "lit_safety_calibration"
+STATE_KEY = "lit_safety_training_state"
 
 
 class SafetyModule(L.LightningModule):
@@ -111,6 +116,13 @@ class SafetyModule(L.LightningModule):
         """Hook: quantities measured once on the first training batch (default: none)."""
         return {}
 
+    def training_state(self) -> dict:
+        """Hook: the method's state between steps that is not a weight (saved in checkpoints)."""
+        return {}
+
+    def load_training_state(self, state: dict) -> None:
+        """Hook: restore what ``training_state`` returned."""
+
     def resolve(self, layers: Sequence[int]) -> list[int]:
         """Decoder-layer indices of this model, negatives resolved (see ``backbone.resolve_layers``)."""
         return backbone.resolve_layers(layers, len(backbone.decoder_layers(self.model)))
@@ -188,10 +200,18 @@ class SafetyModule(L.LightningModule):
         checkpoint["lit_safety_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
         if self.calibration is not None:
             checkpoint[CALIBRATION_KEY] = {k: v.cpu() for k, v in self.calibration.items()}
+        # The random streams a step draws from (dropout, adversary positions, mining draws).
+        checkpoint[STATE_KEY] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                 "method": self.training_state()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if CALIBRATION_KEY in checkpoint:  # on the CPU: a method moves what it uses to its tensors' device
             self.calibration = dict(checkpoint[CALIBRATION_KEY])
+        if STATE_KEY in checkpoint:
+            state = checkpoint[STATE_KEY]
+            torch.set_rng_state(state["torch"])
+            random.setstate(state["python"])
+            self.load_training_state(state["method"])
 
     def on_fit_end(self) -> None:
         # A PEFT adapter directory beside the logs, so every run can be evaluated or shared directly.

@@ -101,8 +101,9 @@ class TripletDefenseModule(SafetyModule):
         if mining_interval < 1 or mining_steps < 0:
             raise ValueError("mining_interval must be >= 1 and mining_steps >= 0")
         self.rng = random.Random(mining_seed)
-        self.miner: ResidualAttack | None = None  # plain attribute: never a parameter or checkpointed
+        self.miner: ResidualAttack | None = None  # not a parameter: checkpointed by training_state
         self._mined_at_step = -1
+        self._restored_miner: dict | None = None
 
     def validate_layers(self, num_layers: int) -> None:
         hp = self.hparams
@@ -114,6 +115,25 @@ class TripletDefenseModule(SafetyModule):
                     f"mining_layers {hp.mining_layers} must lie before the deepest triplet layer ({deepest}): "
                     "an attack module after it changes no state the triplet terms see"
                 )
+
+    def training_state(self) -> dict:
+        miner = None if self.miner is None else {"layer": self.miner.layer, "weight": self.miner.weight.detach().cpu(),
+                                                   "bias": self.miner.bias.detach().cpu()}
+        return {"rng": self.rng.getstate(), "mined_at_step": self._mined_at_step, "miner": miner}
+
+    def load_training_state(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])
+        self._mined_at_step = state["mined_at_step"]
+        self._restored_miner = state["miner"]  # rebuilt once the model is on its device
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        saved, self._restored_miner = self._restored_miner, None
+        if saved is not None:
+            self.miner = ResidualAttack.for_model(self.model, saved["layer"])
+            with torch.no_grad():
+                self.miner.weight.copy_(saved["weight"])
+                self.miner.bias.copy_(saved["bias"])
 
     # ----- hard negative mining --------------------------------------------------------------------
     def _mine(self, harmful: dict) -> None:
