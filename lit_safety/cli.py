@@ -3,44 +3,107 @@
 Model and data are chosen by class path (``--model lit_safety.TripletDefenseModule``); every init
 argument is a typed, documented option (``--model.help CLASS``). The data module defaults to the
 organism's streams, the logger to TensorBoard, the seed to 0. ``evaluation`` (top level) is the attack
-suite that ``test`` runs, a ``lit_safety.evaluation.SafetyEvaluation`` callback.
+suite that ``test`` runs, a ``lit_safety.evaluation.SafetyEvaluation`` callback. Bad input stops with
+one line naming the option, file or value (``LIT_SAFETY_TRACEBACK=1`` shows the whole traceback).
 """
 
 from __future__ import annotations
 
-from jsonargparse import lazy_instance
+import os
+import shutil
+import sys
+
+import torch
+from jsonargparse import ArgumentError, lazy_instance
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lit_safety import artifacts
 from lit_safety.data import SafetyDataModule
 from lit_safety.evaluation import SafetyEvaluation
 from lit_safety.methods import SafetyModule
 from lit_safety.migrations import check_renamed_options
 
+TRACEBACK = "LIT_SAFETY_TRACEBACK"
+_NOISE = ("Does not validate against any of the", "Subtypes:", "Errors:", "Expected a <class 'NoneType'>",
+          "Given value type:", "Given value:")
+
+
+def one_line(message: str) -> str:
+    """The lines of a parser error that say what is wrong, joined: jsonargparse lists every member
+    of a union type it tried, which buries the one that names the problem."""
+    lines = [line.strip(" -") for line in message.splitlines()]
+    kept = [line for line in lines if line and not line.startswith(_NOISE)]
+    return " ".join(kept).split(" Given value:")[0]
+
 
 class LitSafetyCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(SafetyEvaluation, "evaluation", subclass_mode=True, required=False)
+        parser.set_defaults({"data": lazy_instance(SafetyDataModule), "evaluation": lazy_instance(SafetyEvaluation)})
+
     def before_fit(self) -> None:
         # `checkpoints/last.ckpt` is the one path to resume or evaluate from, whatever the schedule.
         if self.trainer.checkpoint_callback is not None:
             self.trainer.checkpoint_callback.save_last = True
+        try:  # the optimizer checks its own settings (a negative learning rate...) before any model loads
+            self.model.optimizer([torch.nn.Parameter(torch.zeros(1))])
+        except ValueError as e:
+            raise ValueError(f"model.optimizer: {e}") from None
 
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(SafetyEvaluation, "evaluation", subclass_mode=True, required=False)
-        parser.set_defaults({"data": lazy_instance(SafetyDataModule), "evaluation": lazy_instance(SafetyEvaluation)})
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            self._remove_empty_run_directory()
+            raise
+
+    def _remove_empty_run_directory(self) -> None:
+        """A run that failed before its first step leaves no run directory behind (only its config and
+        an empty event file would be in it)."""
+        log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
+        if not log_dir or not os.path.isdir(log_dir) or self.trainer.global_step > 0:
+            return
+        if not {"checkpoints", "adapter", "eval_results.json"} & set(os.listdir(log_dir)):
+            shutil.rmtree(log_dir, ignore_errors=True)
+            parent = os.path.dirname(log_dir)
+            if os.path.isdir(parent) and not os.listdir(parent):
+                os.rmdir(parent)
+
+
+def check_checkpoint_path(args: list[str]) -> None:
+    """A ``--ckpt_path`` that is not a lit_safety checkpoint stops here, with one line naming the file
+    (Lightning would unpickle it while parsing)."""
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg == "--ckpt_path" and i + 1 < len(args) else \
+            arg.partition("=")[2] if arg.startswith("--ckpt_path=") else None
+        if path and path not in ("last", "best", "hpc", "registry"):
+            artifacts.read_checkpoint(path)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Run the CLI; ``args`` defaults to ``sys.argv`` (tests pass a list)."""
     check_renamed_options(args)
-    return LitSafetyCLI(
-        model_class=SafetyModule,
-        datamodule_class=SafetyDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={"logger": lazy_instance(TensorBoardLogger, save_dir="lightning_logs")},
-        auto_configure_optimizers=False,
-        args=args,
-        run=run,
-    )
+    try:
+        check_checkpoint_path(sys.argv[1:] if args is None else args)
+        return LitSafetyCLI(
+            model_class=SafetyModule,
+            datamodule_class=SafetyDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"logger": lazy_instance(TensorBoardLogger, save_dir="lightning_logs", default_hp_metric=False)},
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+            parser_kwargs={"exit_on_error": False},
+        )
+    except ArgumentError as e:
+        if os.environ.get(TRACEBACK) == "1":
+            raise
+        sys.exit(f"error: {one_line(str(e))}\n(`--help` lists the options; set {TRACEBACK}=1 for the traceback)")
+    except (ValueError, FileNotFoundError) as e:  # lit_safety's DataError, BackboneError, ArtifactError...
+        if os.environ.get(TRACEBACK) == "1":
+            raise
+        sys.exit(f"error: {one_line(str(e))}\n(set {TRACEBACK}=1 for the traceback)")

@@ -35,12 +35,40 @@ def test_every_shipped_config_parses_against_its_class(config):
     assert first.startswith("#"), "every config opens with a comment showing how to run it"
 
 
-def test_unknown_config_key_is_a_clear_error(tmp_path, capsys):
+def test_unknown_config_key_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  class_path: lit_safety.RefusalSFTModule\n  init_args:\n    refusal_wieght: 2.0\n")
-    with pytest.raises(SystemExit):
-        main(["--config", str(bad)], run=False)
-    assert "refusal_wieght" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(bad)], run=False)
+    message = str(exit_info.value)
+    assert len(message.splitlines()) <= 3 and "Option 'refusal_wieght' is not accepted" in message.splitlines()[0]
+
+
+BAD_INPUT = {  # option -> what the one-line error must name
+    "--model.margin_harmful=-1": "margin_harmful > 0",
+    "--model.optimizer.init_args.lr=-0.1": "model.optimizer: Invalid learning rate",
+    "--model.layers_benign=[7]": "model.layers_benign: layer 7 is out of range",
+    "--data.streams={\"harmful\": {\"sources\": [\"/nope.jsonl\"]}}": "data file not found: /nope.jsonl",
+}
+
+
+@pytest.mark.parametrize("option", BAD_INPUT)
+def test_bad_input_stops_with_one_line_naming_it_and_leaves_no_run_directory(option, tiny_args, tmp_path):
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "triplet.yaml")
+    args = [a for a in tiny_args if not a.startswith("--model.base_model")]  # layers of the organism
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", config, *args, option, "--trainer.max_steps=1"])
+    lines = str(exit_info.value).splitlines()
+    assert len(lines) <= 3 and BAD_INPUT[option] in lines[0], lines
+    assert not list(tmp_path.glob("**/version_*")), "a failed run left a run directory"
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
+    junk = tmp_path / "model.ckpt"
+    junk.write_text("not a checkpoint")
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "triplet.yaml")
+    with pytest.raises(SystemExit, match=r"model.ckpt is not a checkpoint"):
+        main(["fit", "--config", config, "--ckpt_path", str(junk)], run=False)
 
 
 def test_fit_fast_dev_run_and_adapter_only_checkpoint_resume(tiny_args, tmp_path):

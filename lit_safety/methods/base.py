@@ -123,9 +123,13 @@ class SafetyModule(L.LightningModule):
     def load_training_state(self, state: dict) -> None:
         """Hook: restore what ``training_state`` returned."""
 
-    def resolve(self, layers: Sequence[int]) -> list[int]:
-        """Decoder-layer indices of this model, negatives resolved (see ``backbone.resolve_layers``)."""
-        return backbone.resolve_layers(layers, len(backbone.decoder_layers(self.model)))
+    def resolve(self, layers: Sequence[int], option: str | None = None) -> list[int]:
+        """Decoder-layer indices of this model, negatives resolved (see ``backbone.resolve_layers``);
+        an error names ``option``, the setting the layers came from."""
+        try:
+            return backbone.resolve_layers(layers, len(backbone.decoder_layers(self.model)))
+        except backbone.BackboneError as e:
+            raise backbone.BackboneError(f"{option}: {e}" if option else str(e)) from None
 
     def reference(self):
         """Context in which ``self.model`` is the frozen reference (adapters off, no grad, no dropout)."""

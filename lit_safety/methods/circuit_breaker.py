@@ -46,7 +46,7 @@ class CircuitBreakerModule(SafetyModule):
             raise ValueError(f"coefficient_scale must be > 0, got {coefficient_scale}")
 
     def validate_layers(self, num_layers: int) -> None:
-        self.resolve(self.hparams.layers)
+        self.resolve(self.hparams.layers, "model.layers")
 
     def init_adapters(self) -> None:
         generator = torch.Generator().manual_seed(self.hparams.init_seed)

@@ -158,7 +158,7 @@ class RMU(LATObjective):
         self.layer, self.steering, self.positions, self.direction_seed = layer, steering, positions, direction_seed
 
     def validate_layers(self, module) -> None:
-        module.resolve([self.layer])
+        module.resolve([self.layer], "model.objective.layer")
 
     def _states(self, model, seq: Sequences) -> Tensor:
         states, _ = forward_states(model, seq["input_ids"], seq["attention_mask"], [self.layer], logits=False)

@@ -22,6 +22,7 @@ from lit_safety.adversaries import (
     attack_sites,
     site_norms,
 )
+from lit_safety.backbone import BackboneError
 from lit_safety.data.batch import SafetyBatch
 from lit_safety.methods.base import SafetyModule
 from lit_safety.methods.lat_objectives import LATObjective, Refusal
@@ -91,7 +92,10 @@ class TargetedLATModule(SafetyModule):
         return self.objective.stream_fields
 
     def validate_layers(self, num_layers: int) -> None:
-        attack_sites(self.model, self.adversary.layers)  # raises on unknown sites
+        try:
+            attack_sites(self.model, self.adversary.layers)
+        except ValueError as e:
+            raise BackboneError(f"model.adversary.layers: {e}") from None
         self.objective.validate_layers(self)
 
     def calibrate(self, batch: SafetyBatch) -> dict[str, Tensor]:

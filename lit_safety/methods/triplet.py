@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from lit_safety.adversaries import ResidualAttack
-from lit_safety.backbone import BackboneError, resolve_layers
+from lit_safety.backbone import BackboneError
 from lit_safety.losses import distance, kl_divergence, masked_mean, toward, triplet_loss
 from lit_safety.methods.base import SafetyModule
 from lit_safety.representations import forward_states, position_mask
@@ -107,9 +107,10 @@ class TripletDefenseModule(SafetyModule):
 
     def validate_layers(self, num_layers: int) -> None:
         hp = self.hparams
-        deepest = max(resolve_layers(hp.layers_benign + hp.layers_harmful, num_layers))
+        self.resolve(hp.layers_benign, "model.layers_benign")
+        deepest = max(self.resolve(hp.layers_harmful, "model.layers_harmful") + self.resolve(hp.layers_benign))
         if hp.mining:
-            mining = resolve_layers(hp.mining_layers, num_layers)
+            mining = self.resolve(hp.mining_layers, "model.mining_layers")
             if max(mining) >= deepest:
                 raise BackboneError(
                     f"mining_layers {hp.mining_layers} must lie before the deepest triplet layer ({deepest}): "
