@@ -9,12 +9,15 @@ one line naming the option, file or value (``LIT_SAFETY_TRACEBACK=1`` shows the 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
+import warnings
 
 import torch
 from jsonargparse import ArgumentError, lazy_instance
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -23,6 +26,7 @@ from lit_safety.data import SafetyDataModule
 from lit_safety.evaluation import SafetyEvaluation
 from lit_safety.methods import SafetyModule
 from lit_safety.migrations import check_renamed_options
+from lit_safety.progress import RunProgress
 
 TRACEBACK = "LIT_SAFETY_TRACEBACK"
 _NOISE = ("Does not validate against any of the", "Subtypes:", "Errors:", "Expected a <class 'NoneType'>",
@@ -37,7 +41,34 @@ def one_line(message: str) -> str:
     return " ".join(kept).split(" Given value:")[0]
 
 
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet() -> None:
+    """No advertisement tips, and no deprecation warnings raised inside the libraries we call."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels it cannot find
+    for module in ("transformers", "lightning", "peft", "torch"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Loading weights" on every model load
+
+
 class LitSafetyCLI(LightningCLI):
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        # A run-level progress bar (log lines when stdout is not a terminal) and the learning rate.
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in
+                                                                        [*callbacks, *(config.get("callbacks") or [])]):
+            callbacks.append(RunProgress())
+        if config.get("logger") not in (False, None) or "logger" not in config:
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        return super()._instantiate_trainer(config, callbacks)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(SafetyEvaluation, "evaluation", subclass_mode=True, required=False)
         parser.set_defaults({"data": lazy_instance(SafetyDataModule), "evaluation": lazy_instance(SafetyEvaluation)})
@@ -84,6 +115,7 @@ def check_checkpoint_path(args: list[str]) -> None:
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Run the CLI; ``args`` defaults to ``sys.argv`` (tests pass a list)."""
     check_renamed_options(args)
+    quiet()
     try:
         check_checkpoint_path(sys.argv[1:] if args is None else args)
         return LitSafetyCLI(

@@ -142,3 +142,35 @@ def test_every_cli_checkpoint_rebuilds_its_module(tiny_args, tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ArtifactError, match="junk.ckpt is not a checkpoint"):
         load_module(str(junk))
+
+
+def test_fit_logs_progress_lines_when_piped_and_training_signals_to_tensorboard(tiny_args, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lit_safety.progress import RunProgress
+
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "refusal_sft.yaml")
+    args = [a for a in tiny_args if a != "--trainer.enable_progress_bar=false"]
+    cli = main(["fit", "--config", config, *args, "--trainer.max_steps=4", "--trainer.log_every_n_steps=1"])
+    assert any(isinstance(c, RunProgress) for c in cli.trainer.callbacks)
+    out = capsys.readouterr().out  # not a terminal: log lines, not a bar
+    assert "step 4/4 | loss" in out and "left" in out
+    events = EventAccumulator(cli.trainer.log_dir)
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/grad_norm", "train/tokens_per_second", "train/steps_per_second", "train/loss"} <= tags
+    assert any(tag.startswith("lr-") for tag in tags), tags
+    assert "hp_metric" not in tags
+
+
+def test_progress_prints_a_line_every_interval_when_not_a_terminal(capsys):
+    import lightning as L
+
+    from lit_safety import RefusalSFTModule, SafetyDataModule
+    from lit_safety.progress import RunProgress
+
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, callbacks=[RunProgress(interval=0)], limit_val_batches=0)
+    trainer.fit(RefusalSFTModule(), SafetyDataModule(batch_size=4, val_fraction=0.0))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(" |")[0] for line in lines] == ["step 1/3", "step 2/3", "step 3/3"]

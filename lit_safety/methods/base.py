@@ -182,6 +182,11 @@ class SafetyModule(L.LightningModule):
             raise RuntimeError("`test` needs a lit_safety.evaluation.SafetyEvaluation among the trainer's callbacks "
                                "(the CLI adds the config's `evaluation`)")
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.stack(grads).norm(), batch_size=1)
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
