@@ -23,20 +23,78 @@ class ArtifactError(ValueError):
     """A file or directory that is not the artefact it was given as."""
 
 
-def export_adapter(module, path: str) -> str:
-    """Write ``module``'s adapters as a PEFT adapter directory (``PeftModel.from_pretrained``) with
-    the tokenizer.
+CARD_DATA = "lit_safety.json"  # what lit_safety needs to rebuild an adapter's model, beside peft's files
 
-    The adapter names its base by the module's ``base_model`` (e.g. ``organism`` or ``smollm2``),
-    which ``load_for_evaluation`` resolves on any machine; a resolved path would lose a GGUF file name.
+
+def _base_for_peft(name: str) -> str:
+    """What ``adapter_config.json`` names as the base: a local Hugging Face directory as an absolute
+    path (plain peft loads it offline), anything else (a hub id, a GGUF file's name) as given."""
+    path, kwargs = backbone.resolve_model(name)
+    return os.path.abspath(path) if os.path.isdir(path) and not kwargs else name
+
+
+def export_adapter(module, path: str, training: dict | None = None) -> str:
+    """Write ``module``'s adapters as a PEFT adapter directory with the tokenizer and a model card.
+
+    ``adapter_config.json`` names a local base by its absolute path, so
+    ``AutoPeftModelForCausalLM.from_pretrained(path)`` loads it offline; ``lit_safety.json`` keeps the
+    base's lit_safety name (``organism``, ``smollm2``, ...), which ``load_for_evaluation`` resolves on
+    any machine. ``training``: what the card reports of the run (steps, data sources).
     """
-    model = module.model
-    model.peft_config[model.active_adapter].base_model_name_or_path = module.hparams.base_model
+    model, name = module.model, module.hparams.base_model
+    model.peft_config[model.active_adapter].base_model_name_or_path = _base_for_peft(name)
     # Training never resizes the vocabulary, so the full embeddings need not be saved; saying so
     # also stops peft from looking the base name up on the Hub (offline: a DNS wait and a warning).
     model.save_pretrained(path, save_embedding_layers=False)
     module.tokenizer.save_pretrained(path)
+    card = {"base_model": name, "method": f"{type(module).__module__}.{type(module).__qualname__}",
+            "settings": _plain(dict(module.hparams)), "training": training or {}}
+    with open(os.path.join(path, CARD_DATA), "w") as f:
+        json.dump(card, f, indent=1)
+    write_model_card(path)
     return path
+
+
+def _plain(value):
+    """A JSON-able view of hyperparameters (components and dataclasses as their repr)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+
+
+def write_model_card(path: str, evaluation: dict | None = None) -> None:
+    """The adapter directory's README.md in the Hugging Face model-card format, from its
+    ``lit_safety.json``; ``evaluation`` (a ``SafetyEvaluation`` result) is added to the card data."""
+    with open(os.path.join(path, CARD_DATA)) as f:
+        card = json.load(f)
+    if evaluation is not None:
+        card["evaluation"] = {k: evaluation[k] for k in ("asr", "benign_accuracy", "over_refusal", "budgets", "judge")
+                              if k in evaluation}
+        with open(os.path.join(path, CARD_DATA), "w") as f:
+            json.dump(card, f, indent=1)
+    method = card["method"].rsplit(".", 1)[-1]
+    lines = ["---", f"base_model: {card['base_model']}", "library_name: peft", "tags:", "- lit_safety",
+             f"- {method}", "---", "", f"# {method} adapter for {card['base_model']}", "",
+             f"LoRA adapters trained with lit_safety's `{card['method']}`. Load them with",
+             "`lit_safety.load_for_evaluation(\"<this directory>\")`; for a base in a local directory, plain",
+             "`peft.AutoPeftModelForCausalLM.from_pretrained(\"<this directory>\")` works too.", "",
+             "## Training", ""]
+    lines += [f"- {key}: {value}" for key, value in card["training"].items()]
+    lines += ["", "## Settings", "", "```json", json.dumps(card["settings"], indent=1), "```", ""]
+    if "evaluation" in card:
+        ev = card["evaluation"]
+        lines += ["## Evaluation", "", f"Judge: {ev.get('judge')}. Attack success rate per attack and split "
+                  "(the budgets below):", "", "| attack | " + " | ".join(next(iter(ev["asr"].values()), {})) + " |",
+                  "|---" * (1 + len(next(iter(ev["asr"].values()), {}))) + "|"]
+        lines += [f"| {attack} | " + " | ".join(f"{c['rate']:.2f}" for c in splits.values()) + " |"
+                  for attack, splits in ev["asr"].items()]
+        lines += ["", f"Benign accuracy: {json.dumps(ev.get('benign_accuracy'))}; over-refusal: "
+                  f"{json.dumps(ev.get('over_refusal'))}.", "", "Budgets:", "", "```json",
+                  json.dumps(ev.get("budgets"), indent=1), "```", ""]
+    with open(os.path.join(path, "README.md"), "w") as f:
+        f.write("\n".join(lines))
 
 
 def export_merged(module, path: str) -> str:
@@ -105,8 +163,10 @@ def load_for_evaluation(spec: str):
     if os.path.isfile(adapter_config):
         from peft import PeftModel
 
-        with open(adapter_config) as f:
-            base_name = json.load(f)["base_model_name_or_path"]
+        card = os.path.join(spec, CARD_DATA)
+        with open(card if os.path.isfile(card) else adapter_config) as f:
+            data = json.load(f)
+        base_name = data.get("base_model") or data["base_model_name_or_path"]
         model = PeftModel.from_pretrained(backbone.load_causal_lm(base_name), spec)
         return model.eval(), backbone.load_tokenizer(spec)
     return backbone.load_causal_lm(spec).eval(), backbone.load_tokenizer(spec)

@@ -174,3 +174,39 @@ def test_progress_prints_a_line_every_interval_when_not_a_terminal(capsys):
     trainer.fit(RefusalSFTModule(), SafetyDataModule(batch_size=4, val_fraction=0.0))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert [line.split(" |")[0] for line in lines] == ["step 1/3", "step 2/3", "step 3/3"]
+
+
+def test_every_way_to_point_at_a_trained_model_works(tiny_args, tmp_path, monkeypatch):
+    """fit from a shipped config, then the fit checkpoint, the adapter directory (lit_safety and plain
+    peft, offline) and `test`, which adds its results to the adapter's model card."""
+    import json
+
+    from peft import AutoPeftModelForCausalLM
+
+    from lit_safety.artifacts import load_for_evaluation, load_module
+    from lit_safety.organism.__main__ import main as organism_main
+
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "refusal_sft.yaml")
+    args = [a for a in tiny_args if not a.startswith(("--model.base_model", "--data.streams"))]  # the organism
+    cli = main(["fit", "--config", config, *args, "--trainer.max_steps=3"])
+    run = cli.trainer.log_dir
+    checkpoint, adapter = os.path.join(run, "checkpoints", "last.ckpt"), os.path.join(run, "adapter")
+    ids = torch.randint(7, 40, (2, 6))
+    cli.model.eval()
+    expected = cli.model.model(ids).logits
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for spec in (checkpoint, adapter):
+        model, _ = load_for_evaluation(spec)
+        assert torch.allclose(model(ids).logits, expected, atol=1e-5), spec
+    plain = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()  # the base is a local directory
+    assert torch.allclose(plain(ids).logits, expected, atol=1e-5)
+    assert type(load_module(checkpoint)).__name__ == "RefusalSFTModule"
+    card = open(os.path.join(adapter, "README.md")).read()
+    assert card.startswith("---\nbase_model: organism\nlibrary_name: peft") and "- steps: 3" in card
+    assert "## Evaluation" not in card
+    organism_main(["report", "--model", checkpoint, "--n", "2", "--json", str(tmp_path / "report.json")])
+    assert json.loads((tmp_path / "report.json").read_text())["asr"]["direct"]["train"]["n"] == 2
+    main(["test", "--config", config, *args, "--ckpt_path", checkpoint, "--data.test_size=2",
+          "--evaluation.init_args.projector_layer=null"])
+    card = open(os.path.join(adapter, "README.md")).read()
+    assert "## Evaluation" in card and "| direct |" in card and "Budgets:" in card

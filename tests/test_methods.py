@@ -2,6 +2,7 @@
 reference stays the base model, and nothing but adapter weights reaches the checkpoint."""
 
 import json
+import os
 
 import lightning as L
 import pytest
@@ -80,10 +81,13 @@ def test_exported_adapter_and_merged_model_reproduce_the_trained_module(tmp_path
     adapter = PeftModel.from_pretrained(backbone.load_causal_lm("organism"), export_adapter(module, str(tmp_path / "adapter")))
     assert torch.allclose(merged(ids).logits, expected, atol=1e-4)
     assert torch.allclose(adapter.eval()(ids).logits, expected, atol=1e-5)
-    # The adapter names its base as the module did, so evaluation finds it (a GGUF path would not).
+    # lit_safety.json names the base as the module did, so evaluation finds it on any machine (a GGUF
+    # path would lose its file); adapter_config.json names the local directory, for plain peft.
     from lit_safety.artifacts import load_for_evaluation
 
+    with open(tmp_path / "adapter" / "lit_safety.json") as f:
+        assert json.load(f)["base_model"] == "organism"
     with open(tmp_path / "adapter" / "adapter_config.json") as f:
-        assert json.load(f)["base_model_name_or_path"] == "organism"
+        assert os.path.isdir(json.load(f)["base_model_name_or_path"])
     reloaded, _ = load_for_evaluation(str(tmp_path / "adapter"))
     assert torch.allclose(reloaded(ids).logits, expected, atol=1e-5)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from lit_safety import artifacts
 from lit_safety.data.formatting import ChatFormatter, collate
 from lit_safety.data.records import Record
 from lit_safety.evaluation.attacks import (
@@ -230,6 +231,11 @@ class SafetyEvaluation(L.Callback):
             scalars.update({f"test/{key}/{s}": v for s, v in results[key].items()})
         for key, value in scalars.items():
             pl_module.log(key, value)
+        if trainer.is_global_zero and trainer.ckpt_path:
+            # A run directory's adapter gets the results in its model card.
+            adapter = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(trainer.ckpt_path))), "adapter")
+            if os.path.isfile(os.path.join(adapter, artifacts.CARD_DATA)):
+                artifacts.write_model_card(adapter, results)
         if trainer.is_global_zero and trainer.log_dir and trainer.logger is not None:
             self.write(results, trainer.log_dir)
             if self.projected.get("states") and hasattr(trainer.logger.experiment, "add_embedding"):

@@ -228,4 +228,9 @@ class SafetyModule(L.LightningModule):
         log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
         sharded = "FSDP" in type(self.trainer.strategy).__name__
         if log_dir and not sharded and self.trainer.is_global_zero:
-            artifacts.export_adapter(self, os.path.join(log_dir, "adapter"))
+            datamodule = self.trainer.datamodule
+            streams = getattr(datamodule, "streams", None)
+            training = {"steps": self.trainer.global_step,
+                        "data": {name: [str(getattr(s, "path", s)) for s in stream.sources] for name, stream in streams.items()}
+                        if streams else type(datamodule).__name__}
+            artifacts.export_adapter(self, os.path.join(log_dir, "adapter"), training)
