@@ -34,13 +34,19 @@ def adam_descent(
     """Adam on ``parameters`` for ``steps`` steps minimising ``loss_fn()``; returns every step's loss.
 
     Gradients come from ``torch.autograd.grad`` w.r.t. ``parameters`` only, so nothing accumulates
-    in any model parameter's ``.grad``.
+    in any model parameter's ``.grad``. A step whose loss or gradient is not finite is dropped (its
+    loss is reported as NaN, see ``dropped``): one bad inner step must not poison the perturbation,
+    and through it the model update.
     """
     optimizer = torch.optim.Adam(parameters, lr=lr)
     losses = []
     for _ in range(steps):
         loss = loss_fn()
-        for p, g in zip(parameters, torch.autograd.grad(loss, parameters)):
+        grads = torch.autograd.grad(loss, parameters)
+        if not (torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)):
+            losses.append(float("nan"))
+            continue
+        for p, g in zip(parameters, grads):
             p.grad = g
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -48,6 +54,15 @@ def adam_descent(
             after_step()
         losses.append(loss.item())
     return losses
+
+
+def dropped(losses: list[float]) -> int:
+    """Inner steps ``adam_descent`` dropped for a non-finite loss or gradient."""
+    return sum(loss != loss for loss in losses)
+
+
+def finite(losses: list[float]) -> list[float]:
+    return [loss for loss in losses if loss == loss]
 
 
 @contextlib.contextmanager

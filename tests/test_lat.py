@@ -183,3 +183,42 @@ def test_calibration_comes_from_the_first_training_batch_not_validation(tmp_path
     expected = module.calibrate(first)
     assert module.calibration.keys() == expected.keys()
     assert all(torch.allclose(module.calibration[k], expected[k]) for k in expected)
+
+
+def test_a_non_finite_inner_step_is_dropped_counted_and_does_not_poison_the_update(batch):
+    module = calibrated(TargetedLATModule(adversary=LATAdversary(layers=[0], steps=4)), batch)
+    module.train()
+    losses, calls = module.objective.losses, {"n": 0}
+
+    def poisoned(module_, batch_):
+        adversary, attacked = losses(module_, batch_)
+
+        def sometimes_nan():
+            calls["n"] += 1
+            loss = adversary()
+            return loss * float("nan") if calls["n"] == 2 else loss
+
+        return sometimes_nan, attacked
+
+    module.objective.losses = poisoned
+    terms = module.compute_losses(batch)
+    assert terms["adversary/dropped_steps"].item() == 1
+    assert torch.isfinite(terms["loss"])
+    terms["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+
+
+def test_adam_descent_drops_only_the_bad_step():
+    from lit_safety.adversaries import adam_descent, dropped
+
+    x = torch.ones(3, requires_grad=True)
+    step = {"n": 0}
+
+    def loss():
+        step["n"] += 1
+        value = (x ** 2).sum()
+        return value / 0.0 * 0.0 if step["n"] == 3 else value  # NaN at the third step
+
+    history = adam_descent([x], loss, steps=6, lr=0.1)
+    assert dropped(history) == 1 and history[2] != history[2]
+    assert torch.isfinite(x).all() and history[-1] < history[0]

@@ -20,6 +20,8 @@ from lit_safety.adversaries import (
     LatentAdversary,
     LatentBudget,
     attack_sites,
+    dropped,
+    finite,
     site_norms,
 )
 from lit_safety.backbone import BackboneError
@@ -131,8 +133,10 @@ class TargetedLATModule(SafetyModule):
         with adversary.attached():
             if self.training and self.adversary.steps > 0:
                 losses = adversary.optimise(adversary_loss, self.adversary.steps, self.adversary.lr)
-                out["adversary/loss_first"] = torch.tensor(losses[0])
-                out["adversary/loss_last"] = torch.tensor(losses[-1])
+                out["adversary/dropped_steps"] = torch.tensor(float(dropped(losses)))
+                if finite(losses):
+                    out["adversary/loss_first"] = torch.tensor(finite(losses)[0])
+                    out["adversary/loss_last"] = torch.tensor(finite(losses)[-1])
             adversary.freeze()
             out["loss_attacked"] = model_loss()
         out["loss_benign"] = self.objective.benign_loss(self, batch["benign"]["completion"])

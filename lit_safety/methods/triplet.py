@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lit_safety.adversaries import ResidualAttack
+from lit_safety.adversaries import ResidualAttack, dropped, finite
 from lit_safety.backbone import BackboneError
 from lit_safety.losses import distance, kl_divergence, masked_mean, toward, triplet_loss
 from lit_safety.methods.base import SafetyModule
@@ -151,9 +151,10 @@ class TripletDefenseModule(SafetyModule):
 
         losses = miner.train(harmful_nll, hp.mining_steps, hp.mining_lr)
         self.miner = miner
-        if losses:
-            self.log_dict({"train/mining_loss_first": losses[0], "train/mining_loss_last": losses[-1],
-                           "train/mining_layer": float(layer)}, batch_size=harmful["input_ids"].shape[0])
+        logged = {"train/mining_layer": float(layer), "train/mining_dropped_steps": float(dropped(losses))}
+        if finite(losses):
+            logged.update({"train/mining_loss_first": finite(losses)[0], "train/mining_loss_last": finite(losses)[-1]})
+        self.log_dict(logged, batch_size=harmful["input_ids"].shape[0])
 
     def _harmful_states(self, harmful: dict, layers: list[int]) -> dict[int, Tensor]:
         ids, attention = harmful["input_ids"], harmful["attention_mask"]
