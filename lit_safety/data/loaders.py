@@ -124,6 +124,16 @@ def _resolve_named(path: str) -> str | None:
     return None
 
 
+def _readable(path: str, rows: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    """``rows``, with a file that is not text of its format reported as a ``DataError`` naming it."""
+    try:
+        yield from rows
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: malformed CSV ({e})") from None
+
+
 def _rows(source: DataSource) -> Iterator[tuple[str, Any]]:
     path = _resolve_named(source.path) or os.path.expanduser(source.path)
     suffix = os.path.splitext(path)[1].lower()
@@ -131,7 +141,7 @@ def _rows(source: DataSource) -> Iterator[tuple[str, Any]]:
         if not os.path.isfile(path):
             raise DataError(f"data file not found: {path}")
         reader = {".jsonl": _rows_jsonl, ".json": _rows_json, ".csv": _rows_csv, ".parquet": _rows_parquet}[suffix]
-        return reader(path)
+        return _readable(path, reader(path))
     if os.path.isdir(path):  # a local Hugging Face dataset directory
         return _rows_hub(DataSource(path, source.split, source.name))
     if os.path.exists(path) or path.startswith((".", "/", "~")):
