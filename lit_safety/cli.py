@@ -60,6 +60,21 @@ def quiet() -> None:
 
 
 class LitSafetyCLI(LightningCLI):
+    def before_instantiate_classes(self) -> None:
+        # A resumed run continues in the run directory of its checkpoint, not in a new version.
+        config = self.config.get(self.subcommand) if self.subcommand else None
+        ckpt = config.get("ckpt_path") if config is not None else None
+        logger = config.get("trainer", {}).get("logger") if ckpt else None
+        checkpoints = os.path.dirname(os.path.abspath(ckpt)) if ckpt else ""
+        if self.subcommand != "fit" or os.path.basename(checkpoints) != "checkpoints" or \
+                not hasattr(logger, "init_args") or "TensorBoardLogger" not in str(logger.class_path):
+            return
+        run = os.path.dirname(checkpoints)
+        logger.init_args.save_dir = os.path.dirname(os.path.dirname(run))
+        logger.init_args.name = os.path.basename(os.path.dirname(run))
+        logger.init_args.version = os.path.basename(run)
+        print(f"resuming in {run}", flush=True)
+
     def _instantiate_trainer(self, config: dict, callbacks: list):
         # A run-level progress bar (log lines when stdout is not a terminal) and the learning rate.
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in

@@ -89,6 +89,7 @@ def test_fit_fast_dev_run_and_adapter_only_checkpoint_resume(tiny_args, tmp_path
     resumed = main(["fit", "--config", config, *tiny_args, "--trainer.max_steps=3", "--data.val_fraction=0.25",
                     "--ckpt_path", ckpt])
     assert resumed.trainer.global_step == 3
+    assert resumed.trainer.log_dir == log_dir  # the resumed run continues in its run directory
     # Resuming loaded the adapter weights, then trained one more step from them.
     assert any(not torch.equal(trained[k], v) for k, v in resumed.model.state_dict().items())
 
