@@ -16,6 +16,7 @@ import sys
 import warnings
 
 import torch
+import yaml
 from jsonargparse import ArgumentError, lazy_instance
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningCLI
@@ -117,6 +118,35 @@ class LitSafetyCLI(LightningCLI):
                 os.rmdir(parent)
 
 
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+FRAGMENTS = ("evaluation", "data")  # top-level keys whose value may name another config file
+
+
+def resolve_fragments(args: list[str]) -> list[str]:
+    """Config fragments (``evaluation: suite.yaml``, ``data: smollm2/data.yaml``) resolve relative to
+    the config that names them, else among the shipped configs, so a shipped config copied anywhere
+    still runs. A config that needs the shipped ones is passed on with their absolute paths."""
+    out = list(args)
+    for i, arg in enumerate(args):
+        if arg != "--config" or i + 1 >= len(args) or not os.path.isfile(args[i + 1]):
+            continue
+        with open(args[i + 1]) as f:
+            config = yaml.safe_load(f)
+        if not isinstance(config, dict):
+            continue
+        here, changed = os.path.dirname(os.path.abspath(args[i + 1])), False
+        for key in FRAGMENTS:
+            value = config.get(key)
+            if isinstance(value, str) and value.endswith((".yaml", ".yml")) and not os.path.isabs(value):
+                local, shipped = os.path.join(here, value), os.path.join(SHIPPED, value)
+                config[key] = local if os.path.isfile(local) or not os.path.isfile(shipped) else shipped
+                changed |= config[key] == shipped
+        if changed:  # every fragment now absolute, so the config may be read from a string
+            out[i + 1] = yaml.safe_dump({k: (os.path.join(here, v) if k in FRAGMENTS and isinstance(v, str) and
+                                             not os.path.isabs(v) else v) for k, v in config.items()})
+    return out
+
+
 def check_checkpoint_path(args: list[str]) -> None:
     """A ``--ckpt_path`` that is not a lit_safety checkpoint stops here, with one line naming the file
     (Lightning would unpickle it while parsing)."""
@@ -132,7 +162,8 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     check_renamed_options(args)
     quiet()
     try:
-        check_checkpoint_path(sys.argv[1:] if args is None else args)
+        args = resolve_fragments(sys.argv[1:] if args is None else args)
+        check_checkpoint_path(args)
         return LitSafetyCLI(
             model_class=SafetyModule,
             datamodule_class=SafetyDataModule,

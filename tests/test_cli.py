@@ -211,3 +211,31 @@ def test_every_way_to_point_at_a_trained_model_works(tiny_args, tmp_path, monkey
           "--evaluation.init_args.projector_layer=null"])
     card = open(os.path.join(adapter, "README.md")).read()
     assert "## Evaluation" in card and "| direct |" in card and "Budgets:" in card
+
+
+@pytest.mark.parametrize("name", ["triplet.yaml", "smollm2/triplet.yaml", "llama3_8b/triplet_paper.yaml"])
+def test_a_shipped_config_copied_anywhere_still_finds_its_fragments(name, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copy(os.path.join(os.path.dirname(__file__), "..", "configs", name), tmp_path / "copied.yaml")
+    monkeypatch.chdir(tmp_path)  # neither the config's directory nor the working one has the fragments
+    cpu = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32"]
+    cli = main(["--config", "copied.yaml", *(cpu if "llama3_8b" in name else [])], run=False)
+    suite = next(cb for cb in cli.trainer.callbacks if isinstance(cb, SafetyEvaluation))
+    expected = {"triplet.yaml": "gcg", "smollm2/triplet.yaml": "embedding", "llama3_8b/triplet_paper.yaml": "prefill"}
+    assert expected[name] in [a.name for a in suite.attacks]
+    if name != "triplet.yaml":  # data: <fragment>
+        assert cli.datamodule.streams["harmful"].sources
+
+
+def test_a_users_own_fragment_still_resolves_relative_to_its_config(tmp_path, monkeypatch):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "suite.yaml").write_text(
+        "class_path: lit_safety.evaluation.SafetyEvaluation\ninit_args:\n  attacks:\n"
+        "    - class_path: lit_safety.evaluation.PrefillAttack\n")
+    (tmp_path / "mine" / "run.yaml").write_text("model:\n  class_path: lit_safety.RefusalSFTModule\n"
+                                                "evaluation: suite.yaml\n")
+    monkeypatch.chdir(tmp_path)
+    cli = main(["--config", "mine/run.yaml"], run=False)
+    suite = next(cb for cb in cli.trainer.callbacks if isinstance(cb, SafetyEvaluation))
+    assert [a.name for a in suite.attacks] == ["prefill"]
