@@ -98,6 +98,13 @@ class LitSafetyCLI(LightningCLI):
         except ValueError as e:
             raise ValueError(f"model.optimizer: {e}") from None
 
+    def after_fit(self) -> None:
+        # The last steps are in last.ckpt even when max_steps is not a multiple of the checkpoint
+        # interval (Lightning saves at validation and epoch ends only).
+        callback = self.trainer.checkpoint_callback
+        if callback is not None and callback.dirpath and self.trainer.global_step > 0:
+            self.trainer.save_checkpoint(os.path.join(callback.dirpath, "last.ckpt"))
+
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
