@@ -105,10 +105,10 @@ class SafetyEvaluation(L.Callback):
             self._judge = make_judge(self.judge_name, self.harmbench_model)
         return self._judge
 
-    def prepare(self, splits: dict[str, bool], model) -> None:
+    def prepare(self, splits: dict[str, bool], model, reference: bool = True) -> None:
         """Check layer settings against ``model`` and create every metric up front (split -> whether
         it holds harmful behaviours), so that all ranks hold the same metrics whatever share of the
-        data each one sees."""
+        data each one sees; ``reference``: whether ``evaluate`` will get a reference (benign KL)."""
         from lit_safety.adversaries import attack_sites
         from lit_safety.backbone import decoder_layers, resolve_layers
 
@@ -124,7 +124,7 @@ class SafetyEvaluation(L.Callback):
             for split, harmful in splits.items():
                 for name in [a.name for a in self._attacks_for(split)] if harmful else ["direct"]:
                     self.metrics[f"{name}|{split}"] = VerdictRates().to(device)
-                if not harmful:
+                if not harmful and reference:
                     self.metrics[f"kl|{split}"] = MeanMetric().to(device)
             if self.fidelity is not None:
                 keys = [(a.name, s) for s, harmful in splits.items() if harmful for a in self._attacks_for(s)]

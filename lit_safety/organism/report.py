@@ -26,11 +26,11 @@ def organism_report(model, tokenizer, n: int = 200, attacks=None, splits=EVAL_SP
                              judge="exact", projector_layer=None)
     capability = {fmt: f"benign_{fmt.lower()}" for fmt in world.FORMATS} | {"borderline": "borderline"}
     records = {s: eval_split(s, n) for s in splits} | {name: eval_split(s, n) for name, s in capability.items()}
-    suite.prepare({name: name in splits for name in records}, model)
+    suite.prepare({name: name in splits for name in records}, model, reference=False)
     for name, split_records in records.items():
         suite.evaluate(model, tokenizer, name, split_records)
     results = suite.results()
-    del results["benign_kl"]
+    del results["benign_kl"]  # empty: no reference here
     results["borderline_compliance"] = results["benign_accuracy"].pop("borderline")
     results["over_refusal"] = {"borderline": results["over_refusal"]["borderline"], "benign": results["over_refusal"]["A"]}
     return results
