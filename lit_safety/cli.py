@@ -26,7 +26,7 @@ from lit_safety import artifacts
 from lit_safety.data import SafetyDataModule
 from lit_safety.evaluation import SafetyEvaluation
 from lit_safety.methods import SafetyModule
-from lit_safety.migrations import check_renamed_options
+from lit_safety.migrations import check_renamed_options, option_values
 from lit_safety.progress import RunProgress
 
 TRACEBACK = "LIT_SAFETY_TRACEBACK"
@@ -49,7 +49,9 @@ class _NoTips(logging.Filter):
 
 def quiet() -> None:
     """No advertisement tips, and no deprecation warnings raised inside the libraries we call."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoTips) for f in rank_zero.filters):  # main() may run many times in a process
+        rank_zero.addFilter(_NoTips())
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels it cannot find
     for module in ("transformers", "lightning", "peft", "torch"):
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
@@ -134,32 +136,30 @@ def resolve_fragments(args: list[str]) -> list[str]:
     the config that names them, else among the shipped configs, so a shipped config copied anywhere
     still runs. A config that needs the shipped ones is passed on with their absolute paths."""
     out = list(args)
-    for i, arg in enumerate(args):
-        if arg != "--config" or i + 1 >= len(args) or not os.path.isfile(args[i + 1]):
+    for i, path in option_values(args, "--config"):
+        if not os.path.isfile(path):
             continue
-        with open(args[i + 1]) as f:
+        with open(path) as f:
             config = yaml.safe_load(f)
         if not isinstance(config, dict):
             continue
-        here, changed = os.path.dirname(os.path.abspath(args[i + 1])), False
+        here, changed = os.path.dirname(os.path.abspath(path)), False
         for key in FRAGMENTS:
             value = config.get(key)
             if isinstance(value, str) and value.endswith((".yaml", ".yml")) and not os.path.isabs(value):
                 local, shipped = os.path.join(here, value), os.path.join(SHIPPED, value)
                 config[key] = local if os.path.isfile(local) or not os.path.isfile(shipped) else shipped
                 changed |= config[key] == shipped
-        if changed:  # every fragment now absolute, so the config may be read from a string
-            out[i + 1] = yaml.safe_dump({k: (os.path.join(here, v) if k in FRAGMENTS and isinstance(v, str) and
-                                             not os.path.isabs(v) else v) for k, v in config.items()})
+        if changed:  # every fragment file is now absolute, so the config may be read from a string
+            text = yaml.safe_dump(config)
+            out[i] = text if out[i] == path else f"--config={text}"
     return out
 
 
 def check_checkpoint_path(args: list[str]) -> None:
     """A ``--ckpt_path`` that is not a lit_safety checkpoint stops here, with one line naming the file
     (Lightning would unpickle it while parsing)."""
-    for i, arg in enumerate(args):
-        path = args[i + 1] if arg == "--ckpt_path" and i + 1 < len(args) else \
-            arg.partition("=")[2] if arg.startswith("--ckpt_path=") else None
+    for _, path in option_values(args, "--ckpt_path"):
         if path and path not in ("last", "best", "hpc", "registry"):
             artifacts.read_checkpoint(path)
 

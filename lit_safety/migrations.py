@@ -64,20 +64,30 @@ def renamed_options(config: dict, where: str) -> list[str]:
     return [_message(where, k, v) for k, v in init.items() if _is_old(k, v)]
 
 
+def option_values(args: list[str], flag: str) -> list[tuple[int, str]]:
+    """(index, value) of every ``flag VALUE`` or ``flag=VALUE`` in a command line; the index is the
+    value's own token for the first form and the ``flag=`` token for the second."""
+    found = []
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            found.append((i + 1, args[i + 1]))
+        elif arg.startswith(f"{flag}="):
+            found.append((i, arg.partition("=")[2]))
+    return found
+
+
 def check_renamed_options(args: list[str] | None) -> None:
     """Exit with one line per old option found in ``--config`` files or ``--model.X`` arguments."""
     args = sys.argv[1:] if args is None else args
     messages = []
-    for i, arg in enumerate(args):
-        path = args[i + 1] if arg == "--config" and i + 1 < len(args) else arg.partition("=")[2] \
-            if arg.startswith("--config=") else None
-        if path:
-            try:
-                with open(path) as f:
-                    config = yaml.safe_load(f)
-            except (OSError, yaml.YAMLError):
-                continue  # the CLI itself reports files it cannot read
-            messages += renamed_options(config or {}, path)
+    for _, path in option_values(args, "--config"):
+        try:
+            with open(path) as f:
+                config = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError):
+            continue  # the CLI itself reports files it cannot read
+        messages += renamed_options(config or {}, path)
+    for arg in args:
         match = re.fullmatch(r"--model\.(?:init_args\.)?(\w+)(?:=(.*))?", arg)
         if match and _is_old(match[1], match[2] if match[2] is not None else {}):
             messages.append(_message(arg, match[1], match[2]))

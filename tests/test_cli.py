@@ -241,3 +241,13 @@ def test_a_users_own_fragment_still_resolves_relative_to_its_config(tmp_path, mo
     cli = main(["--config", "mine/run.yaml"], run=False)
     suite = next(cb for cb in cli.trainer.callbacks if isinstance(cb, SafetyEvaluation))
     assert [a.name for a in suite.attacks] == ["prefill"]
+
+
+def test_a_class_name_beside_a_shipped_fragment_stays_a_class_name(tmp_path, monkeypatch):
+    (tmp_path / "run.yaml").write_text("model:\n  class_path: lit_safety.RefusalSFTModule\n"
+                                       "evaluation: lit_safety.evaluation.SafetyEvaluation\n"
+                                       "data: smollm2/data.yaml\n")
+    monkeypatch.chdir(tmp_path)
+    cli = main(["--config", "run.yaml"], run=False)
+    assert any(isinstance(cb, SafetyEvaluation) for cb in cli.trainer.callbacks)
+    assert cli.datamodule.streams["harmful"].sources == ["smollm2:harmful_train"]
