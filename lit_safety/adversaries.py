@@ -19,11 +19,11 @@ from torch import Tensor
 from lit_safety.backbone import decoder_layers, resolve_layers
 
 
-def _replace_output(output, new: Tensor):
+def replace_output(output, new: Tensor):
     return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
-def _output_tensor(output) -> Tensor:
+def output_tensor(output) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
@@ -71,7 +71,7 @@ def edit_layer_output(model, layer: int, edit: Callable[[Tensor], Tensor]) -> It
     stack = decoder_layers(model)
     (index,) = resolve_layers([layer], len(stack))
     handle = stack[index].register_forward_hook(
-        lambda _module, _args, output: _replace_output(output, edit(_output_tensor(output)))
+        lambda _module, _args, output: replace_output(output, edit(output_tensor(output)))
     )
     try:
         yield
@@ -251,8 +251,8 @@ class LatentAdversary:
 
         def make_hook(name):
             def hook(_module, _args, output):
-                h = _output_tensor(output)
-                return _replace_output(output, h + self.delta(name)[:, : h.shape[1]].to(h.dtype))
+                h = output_tensor(output)
+                return replace_output(output, h + self.delta(name)[:, : h.shape[1]].to(h.dtype))
 
             return hook
 

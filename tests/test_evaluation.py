@@ -18,7 +18,7 @@ from lit_safety.evaluation import (
     RefusalPrefixJudge,
     wilson_interval,
 )
-from lit_safety.evaluation.attacks import _target_nll
+from lit_safety.evaluation.attacks import target_nll
 from lit_safety.evaluation.suffix import layout, split_prompt
 
 
@@ -93,7 +93,7 @@ def test_gcg_lowers_the_loss_and_never_proposes_special_tokens(setting):
 
     def loss(s):
         lay = layout(parts, s.tolist(), tokenizer.pad_token_id)
-        return _target_nll(model, embed(lay.ids), lay).mean().item()
+        return target_nll(model, embed(lay.ids), lay).mean().item()
 
     start = loss(suffixes)
     generator = torch.Generator().manual_seed(0)
@@ -160,7 +160,11 @@ evaluation:
                 f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
     log_dir = cli.trainer.log_dir
     results = json.loads(open(os.path.join(log_dir, "eval_results.json")).read())
-    assert set(results["asr"]) == {"direct", "latent"}
+    assert set(results["asr"]) == {"direct", "latent", "worst_case"}
+    assert set(results["asr"]["worst_case"]) == {"train", "format_b"}  # where more than one attack ran
+    assert set(results["asr_strict"]) == {"direct", "latent"}
+    assert list(results["curves"]["latent"]["train"]) == ["2"]  # the budget axis: its steps
+    assert os.path.getsize(os.path.join(log_dir, "eval_curves.png")) > 0
     assert set(results["asr"]["direct"]) == {"train", "heldout_synonym", "heldout_concept", "format_b", "format_c",
                                              "trigger"}
     assert set(results["asr"]["latent"]) == {"train", "format_b"}  # restricted by attack_splits

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lit_safety.adversaries import LatentAdversary, LatentBudget, site_norms
+from lit_safety.adversaries import LatentAdversary, LatentBudget, attack_sites, site_norms
 from lit_safety.data.formatting import ChatFormatter
 from lit_safety.data.records import Record
 from lit_safety.evaluation.generation import generate, greedy_from_embeddings, positions
@@ -27,7 +27,7 @@ from lit_safety.evaluation.suffix import Layout, layout, split_prompt
 from lit_safety.losses import token_logprobs
 
 
-def _target_nll(model, embeddings: Tensor, lay: Layout, with_match: bool = False):
+def target_nll(model, embeddings: Tensor, lay: Layout, with_match: bool = False):
     """Mean NLL of each row's target tokens, shape [B]; with ``with_match`` also whether every target
     token is the greedy (argmax) prediction, shape [B]."""
     mask = lay.attention_mask.long()
@@ -40,11 +40,24 @@ def _target_nll(model, embeddings: Tensor, lay: Layout, with_match: bool = False
     return nll, hits.all(-1)
 
 
-def _decode(formatter: ChatFormatter, tokens: Tensor) -> list[str]:
+TargetField = Literal["answer", "target"]
+TARGET_FIELDS = ("answer", "target")
+
+
+def objective(record: Record, target_field: str) -> str:
+    """The string a gradient attack optimises toward. "answer": what the judge counts as harm done,
+    the record's ground-truth ``answer``, else its harmful ``completion``, else its ``target``;
+    "target": the attack target string alone (e.g. "Sure, here is")."""
+    if target_field == "answer":
+        return record.answer or record.completion or record.target or ""
+    return record.target or ""
+
+
+def decode(formatter: ChatFormatter, tokens: Tensor) -> list[str]:
     return [formatter.tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens]
 
 
-def _chunks(items: Sequence, size: int):
+def chunks(items: Sequence, size: int):
     for start in range(0, len(items), size):
         yield start, items[start : start + size]
 
@@ -54,7 +67,7 @@ def _progress(total: int, name: str):
 
 
 @contextlib.contextmanager
-def _attacking(model, total: int, name: str):
+def attacking(model, total: int, name: str):
     """Eval mode (no dropout) and a progress bar for the attack; the model's mode is restored."""
     was_training = model.training
     model.eval()
@@ -66,26 +79,53 @@ def _attacking(model, total: int, name: str):
         model.train(was_training)
 
 
-def _suffix_init(tokenizer, init: str, length: int) -> list[int]:
-    """Token ids of ``init``, repeated or cut to ``length`` (an unknown token if it has none)."""
-    ids = tokenizer(" " + init, add_special_tokens=False)["input_ids"] or [tokenizer.unk_token_id]
+def token_ids(tokenizer, text: str, length: int) -> list[int]:
+    """Token ids of ``text``, repeated or cut to ``length`` (an unknown token if it has none)."""
+    ids = tokenizer(" " + text, add_special_tokens=False)["input_ids"] or [tokenizer.unk_token_id]
     return (ids * length)[:length]
 
 
-def _snapshot_steps(steps: int, snapshots: int) -> set[int]:
-    """The (1-based) steps after which a snapshot is judged, evenly spaced, always including the last."""
+def allowed_tokens(tokenizer, vocabulary: int) -> Tensor:
+    """[vocabulary] mask of the ids an attacker may write: no special tokens, no padding rows."""
+    allowed = torch.ones(vocabulary, dtype=torch.bool)
+    allowed[[i for i in tokenizer.all_special_ids if i < vocabulary]] = False
+    allowed[len(tokenizer):] = False
+    return allowed
+
+
+# The budgets (steps, or training steps) at which every curve is read, where an attack reaches them.
+CURVE_BUDGETS = (10, 30, 100, 300, 1000, 3000)
+
+
+def snapshot_steps(steps: int, snapshots: int) -> set[int]:
+    """The (1-based) steps after which a snapshot is judged: ``snapshots`` evenly spaced (always
+    including the last) plus every curve budget within ``steps``, so curves are exact at those."""
     snapshots = max(1, min(snapshots, steps))
-    return {round(steps * (k + 1) / snapshots) for k in range(snapshots)}
+    return {round(steps * (k + 1) / snapshots) for k in range(snapshots)} | {b for b in CURVE_BUDGETS if b <= steps}
+
+
+def require(condition: bool, attack: str, field: str, message: str) -> None:
+    """A budget check: one line naming the attack and the field."""
+    if not condition:
+        raise ValueError(f"{attack}.{field}: {message}")
 
 
 @dataclass
 class AttackResult:
-    """What an attack returns: one response per behaviour and, for gradient attacks, the mean target
-    loss of the behaviours still attacked at the first and at the last step."""
+    """What an attack returns: one response per behaviour; for gradient attacks the mean target loss
+    of the behaviours still attacked at the first and at the last step; for attacks with a budget
+    axis (``Attack.curve_budgets``), the budget at which each behaviour was first judged broken
+    (None: never)."""
 
     responses: list[str]
     loss_first: float | None = None
     loss_last: float | None = None
+    broken_at: list[int | None] | None = None
+
+    def broken_within(self, budgets: Sequence[int]) -> list[int]:
+        """Per budget, the behaviours broken within it."""
+        at = self.broken_at or []
+        return [sum(b is not None and b <= budget for b in at) for budget in budgets]
 
 
 class Attack:
@@ -96,25 +136,35 @@ class Attack:
     def describe(self) -> dict:
         return asdict(self)
 
+    def check(self, model) -> None:
+        """Check settings that depend on the model (e.g. layers) before any attack runs."""
+
+    def curve_budgets(self) -> list[int]:
+        """The budgets its robustness curve is read at (none for attacks without a budget axis)."""
+        return []
+
     def run(self, model, formatter: ChatFormatter, records: Sequence[Record], judge=None) -> AttackResult:
         raise NotImplementedError
 
 
-class _SnapshotBook:
-    """Keeps, per behaviour, the first successful snapshot response (else the latest one)."""
+class SnapshotBook:
+    """Keeps, per behaviour, the first successful snapshot response (else the latest one) and the
+    budget at which it was found."""
 
     def __init__(self, records: Sequence[Record], judge):
         self.records, self.judge = records, judge
         self.responses: list[str | None] = [None] * len(records)
         self.broken = torch.zeros(len(records), dtype=torch.bool)
+        self.broken_at: list[int | None] = [None] * len(records)
 
-    def add(self, rows: Sequence[int], responses: Sequence[str]) -> None:
+    def add(self, rows: Sequence[int], responses: Sequence[str], budget: int | None = None) -> None:
         for row, response in zip(rows, responses):
             if self.broken[row]:
                 continue
             self.responses[row] = response
             if self.judge is not None and self.judge(self.records[row], response) == "success":
                 self.broken[row] = True
+                self.broken_at[row] = budget
 
 
 @dataclass
@@ -151,45 +201,121 @@ class PrefillAttack(Attack):
 
 
 @dataclass
-class LatentAttack(Attack, LatentBudget):
-    """Latent-space attack: targeted LAT's adversary used at evaluation time. A per-token L2-bounded
-    perturbation at the prompt positions of chosen sites is optimised on the target's NLL, then the
-    model answers with the perturbation in place. Its budget is ``LatentBudget``'s (the norms of
-    ``reference_norm`` are the attacked model's own).
+class SampledResponses(Attack):
+    """Sampling: ``k`` responses to the plain request at ``temperature``; a behaviour is broken if
+    any sample is judged a success (a shallow refusal is often only the most likely answer).
 
     Args:
-        target_field: record field the attack optimises toward ("target" or "answer").
-        max_new_tokens: tokens generated after the attack.
+        k: samples per behaviour.
+        temperature: sampling temperature.
+        max_new_tokens: length of each sample.
+        seed: seed of the sampling (the global random state is left as it was).
+    """
+
+    k: int = 16
+    temperature: float = 1.0
+    max_new_tokens: int = 24
+    seed: int = 0
+    name = "sampled"
+
+    def __post_init__(self) -> None:
+        require(self.k >= 1, "SampledResponses", "k", f"must be >= 1, got {self.k}")
+        require(self.temperature > 0, "SampledResponses", "temperature", f"must be > 0, got {self.temperature}")
+
+    def run(self, model, formatter: ChatFormatter, records: Sequence[Record], judge=None) -> AttackResult:
+        book = SnapshotBook(records, judge)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            for sample in range(1, self.k + 1):
+                rows = [i for i in range(len(records)) if not book.broken[i]]
+                if not rows:
+                    break
+                responses = generate(model, formatter, [records[i] for i in rows], max_new_tokens=self.max_new_tokens,
+                                     temperature=self.temperature)
+                book.add(rows, responses, sample)
+        return AttackResult(book.responses, broken_at=book.broken_at)
+
+    def curve_budgets(self) -> list[int]:
+        return [b for b in (1, 4, 16, 64, 256) if b < self.k] + [self.k]
+
+
+@dataclass
+class LatentAttack(Attack, LatentBudget):
+    """Latent-space attack: targeted LAT's adversary used at evaluation time. A per-token L2-bounded
+    perturbation at the prompt positions of chosen sites is optimised by Adam on the objective's NLL;
+    at ``snapshots`` evenly spaced steps (and every curve budget) the model answers with the
+    perturbation in place and unbroken behaviours are judged. Its budget is ``LatentBudget``'s (the
+    norms of ``reference_norm`` are the attacked model's own).
+
+    Args:
+        target_field: what the attack optimises toward: "answer" (what the judge counts: the
+            record's answer, else its harmful completion, else its target) or "target".
+        snapshots: judged snapshots (the last step is always one).
+        max_new_tokens: tokens generated at each snapshot.
         batch_size: behaviours attacked together.
         (the budget: ``lit_safety.adversaries.LatentBudget``)
     """
 
-    target_field: Literal["target", "answer"] = "target"
+    target_field: TargetField = "answer"
+    snapshots: int = 1
     max_new_tokens: int = 24
     batch_size: int = 50
     name = "latent"
 
+    def __post_init__(self) -> None:
+        LatentBudget.__post_init__(self)
+        name = type(self).__name__
+        require(self.target_field in TARGET_FIELDS, name, "target_field",
+                f"{self.target_field!r} is not one of {', '.join(TARGET_FIELDS)}")
+        require(self.steps >= 1, name, "steps", f"must be >= 1, got {self.steps}")
+        require(1 <= self.snapshots <= self.steps, name, "snapshots", f"{self.snapshots} is not in 1..steps ({self.steps})")
+        require(self.batch_size >= 1, name, "batch_size", f"must be >= 1, got {self.batch_size}")
+
     def run(self, model, formatter: ChatFormatter, records: Sequence[Record], judge=None) -> AttackResult:
+        book = SnapshotBook(records, judge)
+        checkpoints = snapshot_steps(self.steps, self.snapshots)
         embed = model.get_input_embeddings()
-        responses: list[str] = []
         first = last = None
-        with _attacking(model, len(records), self.name) as bar:
-            for _, chunk in _chunks(records, self.batch_size):
-                parts = [split_prompt(formatter, r, getattr(r, self.target_field) or "") for r in chunk]
+        with attacking(model, len(records), self.name) as bar:
+            for start, chunk in chunks(records, self.batch_size):
+                rows = list(range(start, start + len(chunk)))
+                parts = [split_prompt(formatter, r, objective(r, self.target_field)) for r in chunk]
                 lay = layout(parts, [[]] * len(chunk), formatter.tokenizer.pad_token_id)
                 prompt_mask = lay.attention_mask & ~lay.target_mask
                 norms = site_norms(model, self.layers, lay.prompt_ids, lay.prompt_attention, lay.prompt_attention)
                 adversary = LatentAdversary(model, self.layers, prompt_mask, self.radii(norms))
                 embeddings = embed(lay.ids).detach()
-                with adversary.attached():
-                    losses = adversary.optimise(lambda: _target_nll(model, embeddings, lay).mean(), self.steps, self.lr)
-                    first = losses[0] if first is None and losses else first
-                    last = _target_nll(model, embeddings, lay).mean().item()
-                adversary.freeze()
-                with torch.no_grad():
-                    tokens = greedy_from_embeddings(model, embeddings[:, : lay.prompt_width], lay.prompt_attention,
-                                                    self.max_new_tokens, formatter.tokenizer.eos_token_id,
-                                                    prompt_context=adversary.attached())
-                responses += _decode(formatter, tokens)
+                width = embeddings.shape[-1]
+                optimizer = torch.optim.Adam(adversary.parameters(), lr=self.lr / width**0.5)
+                for k in range(1, self.steps + 1):
+                    active = ~book.broken[rows]
+                    if not active.any():
+                        break
+                    with adversary.attached():
+                        loss = target_nll(model, embeddings, lay)
+                    first = loss[active].mean().item() if first is None else first
+                    last = loss[active].mean().item()
+                    grads = torch.autograd.grad(loss[active].sum(), adversary.parameters())
+                    for p, g in zip(adversary.parameters(), grads):
+                        p.grad = torch.nan_to_num(g) * active[:, None, None]
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    adversary.project()
+                    if k in checkpoints:
+                        self._snapshot(model, formatter, adversary, embeddings, lay, rows, active, book, k)
                 bar.update(len(chunk))
-        return AttackResult(responses, first, last)
+        return AttackResult(book.responses, first, last, book.broken_at)
+
+    def check(self, model) -> None:
+        attack_sites(model, self.layers)
+
+    def curve_budgets(self) -> list[int]:
+        return [b for b in CURVE_BUDGETS if b < self.steps] + [self.steps]
+
+    @torch.no_grad()
+    def _snapshot(self, model, formatter, adversary, embeddings, lay, rows, which, book, step) -> None:
+        tokens = greedy_from_embeddings(model, embeddings[:, : lay.prompt_width], lay.prompt_attention,
+                                        self.max_new_tokens, formatter.tokenizer.eos_token_id,
+                                        prompt_context=adversary.attached())
+        book.add([r for r, w in zip(rows, which.tolist()) if w], [t for t, w in zip(decode(formatter, tokens), which)
+                                                                   if w], step)

@@ -37,9 +37,10 @@ def generate(
     prefill: str | Sequence[str | None] | None = None,
     max_new_tokens: int = 24,
     batch_size: int = 64,
+    temperature: float | None = None,
 ) -> list[str]:
-    """Greedy responses to ``records``; with ``prefill`` the response starts with that text and the
-    returned string includes it (judges see the whole response)."""
+    """Greedy responses to ``records`` (sampled at ``temperature`` if given); with ``prefill`` the
+    response starts with that text and the returned string includes it (judges see the whole response)."""
     tokenizer = formatter.tokenizer
     prefills = list(prefill) if isinstance(prefill, (list, tuple)) else [prefill] * len(records)
     device = next(model.parameters()).device
@@ -56,7 +57,8 @@ def generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
+                **({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature
+                   else {"do_sample": False}),
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
@@ -95,5 +97,5 @@ def greedy_from_embeddings(model, embeddings: torch.Tensor, attention_mask: torc
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = model(inputs_embeds=embed(next_token)[:, None], attention_mask=mask,
-                    position_ids=positions(mask)[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+                    position_ids=positions(mask)[:, -1:], cache=out.cache, use_cache=True)
     return torch.stack(tokens, dim=1)

@@ -35,3 +35,23 @@ class VerdictRates(Metric):
         return {**rate(int(self.success), n),
                 "refusal": int(self.refusal) / n if n else 0.0,
                 "gibberish": int(self.gibberish) / n if n else 0.0}
+
+
+class BudgetCurve(Metric):
+    """A robustness curve: per budget, the behaviours an attack broke within it. ``compute()``
+    returns ``{budget: {"rate", "low", "high", "n"}}``."""
+
+    full_state_update = False
+
+    def __init__(self, budgets: list[int], **kwargs):
+        super().__init__(**kwargs)
+        self.budgets = list(budgets)
+        self.add_state("broken", default=torch.zeros(len(self.budgets), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("n", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, broken: list[int], n: int) -> None:
+        self.broken = self.broken + torch.tensor(broken, dtype=torch.long, device=self.broken.device)
+        self.n = self.n + n
+
+    def compute(self) -> dict:
+        return {budget: rate(int(b), int(self.n)) for budget, b in zip(self.budgets, self.broken.tolist())}

@@ -41,6 +41,20 @@ def split_prompt(formatter: ChatFormatter, record: Record, target: str) -> Parts
     return Parts(before, after, ids(" " + target) if target else [])
 
 
+def split_request(formatter: ChatFormatter, record: Record, target: str) -> tuple[Parts, list[int]]:
+    """The prompt of ``record`` as (template around the request, the request's own token ids): the
+    request takes the suffix slot, for attacks that perturb the request itself."""
+    ids = lambda text: formatter.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    if record.meta.get("format") == "raw":
+        bos = formatter.tokenizer.bos_token_id
+        return Parts([bos] if bos is not None else [], [], ids(" " + target) if target else []), ids(record.prompt)
+    messages = [dict(m) for m in record.messages]
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    request, messages[last_user]["content"] = messages[last_user]["content"], SENTINEL
+    text_before, text_after = formatter.prompt_text(messages).split(SENTINEL)
+    return Parts(ids(text_before), ids(text_after), ids(" " + target) if target else []), ids(request)
+
+
 @dataclass
 class Layout:
     """A batch laid out for a suffix attack. ``ids`` [B, P + Tt]: left-padded prompts with suffix

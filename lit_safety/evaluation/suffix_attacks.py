@@ -1,5 +1,6 @@
-"""Attacks that optimise a suffix after the request toward a target: the shared loop
-(``SuffixAttack``), a soft suffix in embedding space (``EmbeddingAttack``) and a discrete one (GCG)."""
+"""Gradient attacks on the prompt: the shared loop (``GradientAttack``), suffixes after the request
+(``SuffixAttack``: a soft one in embedding space, ``EmbeddingAttack``, and a discrete one, ``GCGAttack``)
+and a bounded perturbation of the request's own token embeddings (``EmbeddingPerturbationAttack``)."""
 
 from __future__ import annotations
 
@@ -13,116 +14,182 @@ from torch import Tensor
 from lit_safety.data.formatting import ChatFormatter
 from lit_safety.data.records import Record
 from lit_safety.evaluation.attacks import (
+    CURVE_BUDGETS,
+    TARGET_FIELDS,
     Attack,
     AttackResult,
-    _attacking,
-    _chunks,
-    _decode,
-    _snapshot_steps,
-    _SnapshotBook,
-    _suffix_init,
-    _target_nll,
+    SnapshotBook,
+    TargetField,
+    allowed_tokens,
+    attacking,
+    chunks,
+    decode,
+    objective,
+    require,
+    snapshot_steps,
+    target_nll,
+    token_ids,
 )
 from lit_safety.evaluation.generation import greedy_from_embeddings
-from lit_safety.evaluation.suffix import Layout, Parts, layout, split_prompt
+from lit_safety.evaluation.suffix import Layout, Parts, layout, split_prompt, split_request
 
 
 @dataclass
-class SuffixAttack(Attack):
-    """Base of the attacks that optimise a suffix after the request toward a target string. One loop
-    serves them all: behaviours are attacked ``batch_size`` at a time; at every step the suffix is
-    scored, a behaviour whose target has just become the greedy continuation is judged at once, the
-    suffix takes one optimisation step, and at ``snapshots`` evenly spaced steps every behaviour still
-    attacked is judged. A subclass says how its suffix starts (``start``), is scored (``score``),
-    steps (``update``) and reads as a prompt (``prompt``).
+class GradientAttack(Attack):
+    """Base of the attacks that optimise the prompt toward a target string. One loop serves them
+    all: behaviours are attacked ``batch_size`` at a time; at every step the prompt is scored, a
+    behaviour whose target has just become the greedy continuation is judged at once, the prompt
+    takes one optimisation step, and at ``snapshots`` evenly spaced steps (and at every curve budget)
+    each behaviour still attacked is judged. Behaviours left unbroken are attacked again from a
+    random start, ``restarts`` times in all; a behaviour's budget is the steps spent on it over its
+    restarts, the x axis of the attack's robustness curve. A subclass says how its prompt starts
+    (``start``), is scored (``score``), steps (``update``) and reads as a prompt (``prompt``).
 
     Args:
-        suffix_length: suffix positions.
-        init: the string whose tokens initialise the suffix (repeated/cut to length).
-        steps: optimisation steps.
-        snapshots: evenly spaced judged snapshots (the last step is always one).
+        steps: optimisation steps per restart.
+        restarts: starts per behaviour (the first from the attack's own init, the rest random).
+        snapshots: evenly spaced judged snapshots per restart (the last step is always one).
         early_stop: stop attacking a behaviour at its first successful snapshot.
-        target_field: record field the attack optimises toward ("target", or "answer" for the whole
-            harmful answer).
+        target_field: what the attack optimises toward: "answer" (what the judge counts as harm
+            done: the record's answer, else its harmful completion, else its target) or "target"
+            (the target string alone, e.g. "Sure, here is").
         max_new_tokens: tokens generated at each snapshot.
         batch_size: behaviours attacked together.
+        seed: seed of the random starts and of any sampling.
     """
 
-    suffix_length: int = 10
-    init: str = "!"
     steps: int = 100
+    restarts: int = 1
     snapshots: int = 20
     early_stop: bool = True
-    target_field: Literal["target", "answer"] = "target"
+    target_field: TargetField = "answer"
     max_new_tokens: int = 24
     batch_size: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        require(self.steps >= 1, name, "steps", f"must be >= 1, got {self.steps}")
+        require(self.restarts >= 1, name, "restarts", f"must be >= 1, got {self.restarts}")
+        require(1 <= self.snapshots <= self.steps, name, "snapshots", f"{self.snapshots} is not in 1..steps ({self.steps})")
+        require(self.target_field in TARGET_FIELDS, name, "target_field",
+                f"{self.target_field!r} is not one of {', '.join(TARGET_FIELDS)}")
+        require(self.batch_size >= 1, name, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.max_new_tokens >= 1, name, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
 
     def prepare(self, model, formatter: ChatFormatter) -> dict:
         """What every chunk of one run shares (e.g. a random generator)."""
-        return {}
+        return {"generator": torch.Generator().manual_seed(self.seed)}
 
-    def start(self, model, formatter: ChatFormatter, parts: list[Parts], init: list[int], shared: dict) -> dict:
+    def start(self, model, formatter: ChatFormatter, records: Sequence[Record], targets: list[str], restart: int,
+              shared: dict) -> dict:
         raise NotImplementedError
 
     def score(self, model, state: dict) -> tuple[Tensor, Tensor]:
-        """(target NLL [n], whether the target is the greedy continuation [n]) of the current suffixes."""
+        """(target NLL [n], whether the target is the greedy continuation [n]) of the current prompts."""
         raise NotImplementedError
 
     def update(self, model, state: dict, loss: Tensor, active: Tensor) -> None:
-        """One optimisation step of the suffixes of the ``active`` rows."""
+        """One optimisation step of the prompts of the ``active`` rows."""
         raise NotImplementedError
 
     def prompt(self, model, state: dict, which: Tensor) -> tuple[Tensor, Tensor]:
-        """(left-padded prompt embeddings, attention mask) of the rows ``which``, suffix included."""
+        """(left-padded prompt embeddings, attention mask) of the rows ``which``."""
         raise NotImplementedError
 
     def run(self, model, formatter: ChatFormatter, records: Sequence[Record], judge=None) -> AttackResult:
-        book = _SnapshotBook(records, judge)
-        checkpoints = _snapshot_steps(self.steps, self.snapshots)
-        init = _suffix_init(formatter.tokenizer, self.init, self.suffix_length)
+        book = SnapshotBook(records, judge)
+        checkpoints = snapshot_steps(self.steps, self.snapshots)
         losses: list[float] = []
-        with _attacking(model, len(records), self.name) as bar:
+        with attacking(model, len(records), self.name) as bar:
             shared = self.prepare(model, formatter)
-            for start, chunk in _chunks(records, self.batch_size):
-                rows = list(range(start, start + len(chunk)))
-                parts = [split_prompt(formatter, r, getattr(r, self.target_field) or "") for r in chunk]
-                state = self.start(model, formatter, parts, init, shared)
-                matched = torch.zeros(len(chunk), dtype=torch.bool)
-                for k in range(1, self.steps + 1):
-                    active = self._active(book, rows)
-                    if not active.any():
-                        break
-                    loss, match = self.score(model, state)
-                    if (match & ~matched & active).any():  # the target just became the greedy continuation
-                        self._snapshot(model, formatter, state, rows, book, match & ~matched & active)
-                    matched = match
-                    losses.append(loss[active].mean().item())
-                    active = self._active(book, rows)
-                    if not active.any():
-                        break
-                    self.update(model, state, loss, active)
-                    if k in checkpoints:
-                        self._snapshot(model, formatter, state, rows, book, active)
-                bar.update(len(chunk))
-        return AttackResult(book.responses, losses[0] if losses else None, losses[-1] if losses else None)
+            for restart in range(self.restarts):
+                todo = [i for i in range(len(records)) if not (self.early_stop and book.broken[i])]
+                for _, rows in chunks(todo, self.batch_size):
+                    chunk = [records[i] for i in rows]
+                    targets = [objective(r, self.target_field) for r in chunk]
+                    state = self.start(model, formatter, chunk, targets, restart, shared)
+                    self._attack(model, formatter, state, rows, book, checkpoints, restart * self.steps, losses)
+                    if restart == 0:
+                        bar.update(len(chunk))
+        return AttackResult(book.responses, losses[0] if losses else None, losses[-1] if losses else None,
+                            book.broken_at)
 
-    def _active(self, book: _SnapshotBook, rows: list[int]) -> Tensor:
+    def curve_budgets(self) -> list[int]:
+        total = self.steps * self.restarts
+        return [b for b in CURVE_BUDGETS if b < total] + [total]
+
+    def _attack(self, model, formatter, state, rows, book, checkpoints, spent: int, losses: list[float]) -> None:
+        matched = torch.zeros(len(rows), dtype=torch.bool)
+        for k in range(1, self.steps + 1):
+            active = self._active(book, rows)
+            if not active.any():
+                return
+            loss, match = self.score(model, state)
+            just_matched = match & ~matched & active  # the target just became the greedy continuation
+            if just_matched.any():
+                self._snapshot(model, formatter, state, rows, book, just_matched, spent + k - 1)
+            matched = match
+            losses.append(loss[active].mean().item())
+            active = self._active(book, rows)
+            if not active.any():
+                return
+            self.update(model, state, loss, active)
+            if k in checkpoints:
+                self._snapshot(model, formatter, state, rows, book, active, spent + k)
+
+    def _active(self, book: SnapshotBook, rows: list[int]) -> Tensor:
         return ~book.broken[rows] if self.early_stop else torch.ones(len(rows), dtype=torch.bool)
 
     @torch.no_grad()
-    def _snapshot(self, model, formatter, state: dict, rows: list[int], book: _SnapshotBook, which: Tensor) -> None:
-        """Generate with the current suffixes of the rows ``which`` and judge the responses."""
+    def _snapshot(self, model, formatter, state: dict, rows: list[int], book: SnapshotBook, which: Tensor,
+                  budget: int) -> None:
+        """Generate with the current prompts of the rows ``which`` and judge the responses."""
         embeddings, attention = self.prompt(model, state, which)
         tokens = greedy_from_embeddings(model, embeddings, attention, self.max_new_tokens,
                                         formatter.tokenizer.eos_token_id)
-        book.add([r for r, w in zip(rows, which.tolist()) if w], _decode(formatter, tokens))
+        book.add([r for r, w in zip(rows, which.tolist()) if w], decode(formatter, tokens), max(budget, 1))
+
+
+@dataclass
+class SuffixAttack(GradientAttack):
+    """A gradient attack on a suffix after the request (at the end of the user turn).
+
+    Args:
+        suffix_length: suffix positions.
+        init: the string whose tokens start the first restart's suffix (repeated/cut to length);
+            later restarts start from random tokens.
+        (the rest: ``GradientAttack``)
+    """
+
+    suffix_length: int = 10
+    init: str = "please"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.suffix_length >= 1, type(self).__name__, "suffix_length", f"must be >= 1, got {self.suffix_length}")
+
+    def start(self, model, formatter, records, targets, restart, shared) -> dict:
+        parts = [split_prompt(formatter, r, t) for r, t in zip(records, targets)]
+        tokenizer = formatter.tokenizer
+        if restart == 0:
+            init = token_ids(tokenizer, self.init, self.suffix_length)
+        else:
+            allowed = allowed_tokens(tokenizer, model.get_input_embeddings().weight.shape[0]).nonzero().flatten()
+            init = allowed[torch.randint(len(allowed), (self.suffix_length,), generator=shared["generator"])].tolist()
+        return self.begin(model, formatter, parts, init, shared)
+
+    def begin(self, model, formatter: ChatFormatter, parts: list[Parts], init: list[int], shared: dict) -> dict:
+        """The state of a chunk whose suffixes all start as the tokens ``init``."""
+        raise NotImplementedError
 
 
 @dataclass
 class EmbeddingAttack(SuffixAttack):
     """Embedding-space attack (Schwinn et al. 2024): a soft suffix of continuous vectors after the
-    request, initialised from a string's token embeddings and optimised by signed gradient descent
-    on the target's NLL.
+    request, started from a string's token embeddings and optimised by signed gradient descent on
+    the objective's NLL. The default budget is the published evaluations' (20 vectors, 500 steps,
+    many judged snapshots; Schwinn and Geisler 2024, arXiv 2407.15902).
 
     Args:
         step_size: signed step in units of the mean embedding norm (a step moves a vector by about
@@ -130,10 +197,17 @@ class EmbeddingAttack(SuffixAttack):
         (the rest: ``SuffixAttack``)
     """
 
+    suffix_length: int = 20
+    steps: int = 500
+    snapshots: int = 20
     step_size: float = 0.02
     name = "embedding"
 
-    def start(self, model, formatter: ChatFormatter, parts: list[Parts], init: list[int], shared: dict) -> dict:
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.step_size > 0, type(self).__name__, "step_size", f"must be > 0, got {self.step_size}")
+
+    def begin(self, model, formatter, parts, init, shared) -> dict:
         embed = model.get_input_embeddings()
         lay = layout(parts, [init] * len(parts), formatter.tokenizer.pad_token_id)
         base = embed(lay.ids).detach()
@@ -145,7 +219,7 @@ class EmbeddingAttack(SuffixAttack):
         return state["base"].masked_scatter(state["lay"].suffix_mask[..., None], suffix)
 
     def score(self, model, state: dict) -> tuple[Tensor, Tensor]:
-        return _target_nll(model, self._embeddings(state, state["suffix"]), state["lay"], with_match=True)
+        return target_nll(model, self._embeddings(state, state["suffix"]), state["lay"], with_match=True)
 
     def update(self, model, state: dict, loss: Tensor, active: Tensor) -> None:
         suffix = state["suffix"]
@@ -159,36 +233,114 @@ class EmbeddingAttack(SuffixAttack):
 
 
 @dataclass
+class EmbeddingPerturbationAttack(GradientAttack):
+    """Projected gradient descent on the request's own token embeddings: every request token's
+    embedding may move within an L2 ball (normalised-gradient steps) or an Linf box (signed steps)
+    of radius ``epsilon`` mean embedding norms; nothing is appended. Restarts after the first start
+    from a random point of the ball.
+
+    Args:
+        norm: "l2" (per token) or "linf" (per coordinate: epsilon * mean norm / sqrt(width)).
+        epsilon: the bound, in units of the mean embedding norm.
+        step_size: step as a fraction of epsilon.
+        (the rest: ``GradientAttack``)
+    """
+
+    norm: Literal["l2", "linf"] = "l2"
+    epsilon: float = 0.5
+    step_size: float = 0.05
+    steps: int = 300
+    name = "perturbation"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        require(self.norm in ("l2", "linf"), name, "norm", f"{self.norm!r} is not one of l2, linf")
+        require(self.epsilon > 0, name, "epsilon", f"must be > 0, got {self.epsilon}")
+        require(self.step_size > 0, name, "step_size", f"must be > 0, got {self.step_size}")
+
+    def start(self, model, formatter, records, targets, restart, shared) -> dict:
+        embed = model.get_input_embeddings()
+        split = [split_request(formatter, r, t) for r, t in zip(records, targets)]
+        lay = layout([p for p, _ in split], [request for _, request in split], formatter.tokenizer.pad_token_id)
+        base = embed(lay.ids).detach()
+        width = base.shape[-1]
+        radius = self.epsilon * embed.weight.detach().norm(dim=-1).mean().item()
+        if self.norm == "linf":
+            radius /= width**0.5
+        delta = torch.zeros_like(base[lay.suffix_mask])
+        if restart > 0:  # a random point of the ball (box)
+            generator = shared["generator"]
+            if self.norm == "l2":
+                direction = torch.randn(delta.shape, generator=generator)
+                delta = direction / direction.norm(dim=-1, keepdim=True) * radius * torch.rand(len(delta), 1, generator=generator)
+            else:
+                delta = (torch.rand(delta.shape, generator=generator) * 2 - 1) * radius
+            delta = delta.to(base)
+        return {"lay": lay, "base": base, "delta": delta.requires_grad_(True), "radius": radius,
+                "row": lay.suffix_mask.nonzero()[:, 0]}
+
+    def _project(self, delta: Tensor, radius: float) -> Tensor:
+        if self.norm == "linf":
+            return delta.clamp(-radius, radius)
+        return delta * (radius / delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+
+    def _embeddings(self, state: dict, delta: Tensor) -> Tensor:
+        mask = state["lay"].suffix_mask
+        return state["base"].masked_scatter(mask[..., None], state["base"][mask] + delta)
+
+    def score(self, model, state: dict) -> tuple[Tensor, Tensor]:
+        return target_nll(model, self._embeddings(state, state["delta"]), state["lay"], with_match=True)
+
+    def update(self, model, state: dict, loss: Tensor, active: Tensor) -> None:
+        delta, radius = state["delta"], state["radius"]
+        (grad,) = torch.autograd.grad(loss[active].sum(), delta)
+        grad = grad * active[state["row"]][:, None]
+        if self.norm == "linf":
+            step = grad.sign()
+        else:
+            step = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        with torch.no_grad():
+            delta.copy_(self._project(delta - self.step_size * radius * step, radius))
+
+    def prompt(self, model, state: dict, which: Tensor) -> tuple[Tensor, Tensor]:
+        lay = state["lay"]
+        return self._embeddings(state, state["delta"].detach())[which, : lay.prompt_width], lay.prompt_attention[which]
+
+
+@dataclass
 class GCGAttack(SuffixAttack):
     """Greedy Coordinate Gradient (Zou et al. 2023): a discrete suffix; at each step the gradient of the
-    target NLL w.r.t. the suffix's one-hot tokens proposes the top-k replacement tokens per position,
-    ``candidates`` single-token swaps are scored exactly, and the best is kept. Special tokens are
-    never proposed, and a candidate whose text does not re-tokenise to the same ids is discarded.
+    objective's NLL w.r.t. the suffix's one-hot tokens proposes the top-k replacement tokens per
+    position, ``candidates`` single-token swaps are scored exactly, and the best is kept. Special
+    tokens are never proposed, and a candidate whose text does not re-tokenise to the same ids is
+    discarded. ``top_k`` larger than the vocabulary an attacker may write means all of it.
 
     Args:
         top_k: replacement tokens considered per position.
         candidates: single-token swaps scored per behaviour per step.
-        seed: seed of the candidate sampling.
         (the rest: ``SuffixAttack``)
     """
 
-    suffix_length: int = 6
-    steps: int = 40
-    snapshots: int = 4
+    suffix_length: int = 20
+    steps: int = 250
+    snapshots: int = 10
     batch_size: int = 25
-    top_k: int = 16
-    candidates: int = 32
-    seed: int = 0
+    top_k: int = 128
+    candidates: int = 256
     name = "gcg"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.top_k >= 1, type(self).__name__, "top_k", f"must be >= 1, got {self.top_k}")
+        require(self.candidates >= 1, type(self).__name__, "candidates", f"must be >= 1, got {self.candidates}")
 
     def prepare(self, model, formatter: ChatFormatter) -> dict:
         tokenizer = formatter.tokenizer
-        allowed = torch.ones(model.get_input_embeddings().weight.shape[0], dtype=torch.bool)
-        allowed[[i for i in tokenizer.all_special_ids if i < allowed.numel()]] = False
-        allowed[len(tokenizer):] = False  # padding rows of the embedding matrix are not tokens
-        return {"allowed": allowed, "generator": torch.Generator().manual_seed(self.seed), "tokenizer": tokenizer}
+        return {**super().prepare(model, formatter), "tokenizer": tokenizer,
+                "allowed": allowed_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])}
 
-    def start(self, model, formatter: ChatFormatter, parts: list[Parts], init: list[int], shared: dict) -> dict:
+    def begin(self, model, formatter, parts, init, shared) -> dict:
         return {**shared, "parts": parts, "suffixes": torch.tensor([init] * len(parts))}
 
     def _layout(self, state: dict, which: Tensor | None = None) -> Layout:
@@ -199,7 +351,7 @@ class GCGAttack(SuffixAttack):
     @torch.no_grad()
     def score(self, model, state: dict) -> tuple[Tensor, Tensor]:
         lay = self._layout(state)
-        return _target_nll(model, model.get_input_embeddings()(lay.ids), lay, with_match=True)
+        return target_nll(model, model.get_input_embeddings()(lay.ids), lay, with_match=True)
 
     def update(self, model, state: dict, loss: Tensor, active: Tensor) -> None:
         rows = active.nonzero().flatten().tolist()
@@ -216,11 +368,12 @@ class GCGAttack(SuffixAttack):
         lay = layout(parts, suffixes.tolist(), tokenizer.pad_token_id)
         one_hot = torch.nn.functional.one_hot(suffixes, embed.weight.shape[0]).to(embed.weight.dtype).requires_grad_(True)
         embeddings = embed(lay.ids).detach().masked_scatter(lay.suffix_mask[..., None], one_hot @ embed.weight)
-        (grad,) = torch.autograd.grad(_target_nll(model, embeddings, lay).sum(), one_hot)
+        (grad,) = torch.autograd.grad(target_nll(model, embeddings, lay).sum(), one_hot)
         grad[..., ~allowed] = float("inf")
-        top = (-grad).topk(self.top_k, dim=-1).indices  # [rows, n, k]
+        top_k = min(self.top_k, int(allowed.sum()))
+        top = (-grad).topk(top_k, dim=-1).indices  # [rows, n, k]
         where = torch.randint(0, length, (rows, self.candidates), generator=generator)
-        pick = torch.randint(0, self.top_k, (rows, self.candidates), generator=generator)
+        pick = torch.randint(0, top_k, (rows, self.candidates), generator=generator)
         candidates = suffixes[:, None].repeat(1, self.candidates, 1)  # [rows, C, n]
         row_index = torch.arange(rows)[:, None]
         candidates[row_index, torch.arange(self.candidates)[None], where] = top[row_index, where, pick]
@@ -229,9 +382,15 @@ class GCGAttack(SuffixAttack):
         consistent = torch.tensor([tokenizer(" " + tokenizer.decode(c), add_special_tokens=False)["input_ids"] == c
                                    for c in flat]).view(rows, self.candidates)
         with torch.no_grad():
-            lay = layout([p for p in parts for _ in range(self.candidates)], flat, tokenizer.pad_token_id)
-            losses = _target_nll(model, embed(lay.ids), lay).view(rows, self.candidates)
+            losses = torch.cat([self._candidate_losses(model, [parts[i // self.candidates] for i in range(s, s + len(c))],
+                                                       c, tokenizer.pad_token_id)
+                                for s, c in chunks(flat, 512)]).view(rows, self.candidates)
         losses[~consistent] = float("inf")
         best = losses.argmin(-1)
         keep = consistent.any(-1)
         return torch.where(keep[:, None], candidates[torch.arange(rows), best], suffixes)
+
+    @staticmethod
+    def _candidate_losses(model, parts: list[Parts], suffixes: list[list[int]], pad_token_id: int) -> Tensor:
+        lay = layout(parts, suffixes, pad_token_id)
+        return target_nll(model, model.get_input_embeddings()(lay.ids), lay)

@@ -23,16 +23,11 @@ from torchmetrics import MeanMetric
 from lit_safety import artifacts
 from lit_safety.data.formatting import ChatFormatter, collate
 from lit_safety.data.records import Record
-from lit_safety.evaluation.attacks import (
-    Attack,
-    DirectRequest,
-    LatentAttack,
-    PrefillAttack,
-)
+from lit_safety.evaluation.attacks import Attack, DirectRequest, PrefillAttack
 from lit_safety.evaluation.fidelity import FidelityMeasures
 from lit_safety.evaluation.judges import make_judge
-from lit_safety.evaluation.metrics import VerdictRates
-from lit_safety.evaluation.report import plot_asr, to_markdown
+from lit_safety.evaluation.metrics import BudgetCurve, VerdictRates
+from lit_safety.evaluation.report import plot_asr, plot_curves, to_markdown
 from lit_safety.losses import kl_divergence
 
 
@@ -51,6 +46,11 @@ def benign_kl(model, formatter: ChatFormatter, records: Sequence[Record], refere
 
 class SafetyEvaluation(L.Callback):
     """Attacks, judge and outputs of the evaluation suite; as a callback it runs the ``test`` loop.
+
+    Per harmful split it reports every attack's ASR, the strict reading of the judge beside it where
+    the judge has one (``asr_strict``), ``worst_case``: a behaviour counts as broken if any attack
+    run on the split broke it, and each budgeted attack's robustness curve (``curves``: ASR within
+    each budget of its ``curve_budgets()``).
 
     Args:
         attacks: attacks run on every harmful split (each reports under its name: direct, prefill,
@@ -93,7 +93,9 @@ class SafetyEvaluation(L.Callback):
         self.fidelity = FidelityMeasures(fidelity_tokens) if fidelity else None
         self.keep_responses = keep_responses
         self.responses: dict[str, dict[str, list[str]]] = {}
-        self.metrics = nn.ModuleDict()  # "attack|split" -> VerdictRates, "kl|split" -> MeanMetric
+        # "attack|split", "strict/attack|split", "worst_case|split" -> VerdictRates; "curve/attack|split" ->
+        # BudgetCurve; "kl|split" -> MeanMetric
+        self.metrics = nn.ModuleDict()
         self.harmful_splits: set[str] = set()
         self._judge = None
         self.projected: dict[str, list] = defaultdict(list)
@@ -105,16 +107,19 @@ class SafetyEvaluation(L.Callback):
             self._judge = make_judge(self.judge_name, self.harmbench_model)
         return self._judge
 
+    @property
+    def strict_judge(self):
+        """The judge's strict reading (e.g. the exact judge's "nothing but the answer"), if it has one."""
+        return getattr(self.judge, "strict", None)
+
     def prepare(self, splits: dict[str, bool], model, reference: bool = True) -> None:
         """Check layer settings against ``model`` and create every metric up front (split -> whether
         it holds harmful behaviours), so that all ranks hold the same metrics whatever share of the
         data each one sees; ``reference``: whether ``evaluate`` will get a reference (benign KL)."""
-        from lit_safety.adversaries import attack_sites
         from lit_safety.backbone import decoder_layers, resolve_layers
 
         for attack in self.attacks:
-            if isinstance(attack, LatentAttack):
-                attack_sites(model, attack.layers)
+            attack.check(model)
         if self.projector_layer is not None:
             resolve_layers([self.projector_layer], len(decoder_layers(model)))
         self.harmful_splits = {split for split, harmful in splits.items() if harmful}
@@ -122,8 +127,16 @@ class SafetyEvaluation(L.Callback):
         with torch.inference_mode(False):  # states updated outside the test loop's inference mode
             self.metrics = nn.ModuleDict()
             for split, harmful in splits.items():
-                for name in [a.name for a in self._attacks_for(split)] if harmful else ["direct"]:
+                attacks = self._attacks_for(split) if harmful else []
+                for name in [a.name for a in attacks] if harmful else ["direct"]:
                     self.metrics[f"{name}|{split}"] = VerdictRates().to(device)
+                    if harmful and self.strict_judge is not None:
+                        self.metrics[f"strict/{name}|{split}"] = VerdictRates().to(device)
+                for attack in attacks:
+                    if attack.curve_budgets():
+                        self.metrics[f"curve/{attack.name}|{split}"] = BudgetCurve(attack.curve_budgets()).to(device)
+                if len(attacks) > 1:
+                    self.metrics[f"worst_case|{split}"] = VerdictRates().to(device)
                 if not harmful and reference:
                     self.metrics[f"kl|{split}"] = MeanMetric().to(device)
             if self.fidelity is not None:
@@ -138,13 +151,26 @@ class SafetyEvaluation(L.Callback):
         formatter = ChatFormatter(tokenizer, max_prompt_length=self.max_prompt_length)
         harmful = [r for r in records if r.kind == "harmful"]
         other = [r for r in records if r.kind != "harmful"]
+        worst = [[] for _ in harmful]  # every attack's verdict per behaviour
         for attack in self._attacks_for(split) if harmful else []:
             start = time.perf_counter()
-            responses = attack.run(model, formatter, harmful, self.judge).responses
+            result = attack.run(model, formatter, harmful, self.judge)
+            responses = result.responses
             self.seconds[attack.name] += time.perf_counter() - start
             verdicts = [self.judge(r, response) for r, response in zip(harmful, responses)]
             self.metrics[f"{attack.name}|{split}"].update(verdicts)
+            if self.strict_judge is not None:
+                self.metrics[f"strict/{attack.name}|{split}"].update(
+                    self.strict_judge(r, response) for r, response in zip(harmful, responses))
+            if f"curve/{attack.name}|{split}" in self.metrics:
+                curve = self.metrics[f"curve/{attack.name}|{split}"]
+                curve.update(result.broken_within(curve.budgets), len(harmful))
+            for row, verdict in zip(worst, verdicts):
+                row.append(verdict)
             self._keep(attack.name, split, responses)
+        if f"worst_case|{split}" in self.metrics and harmful:
+            self.metrics[f"worst_case|{split}"].update(
+                next((v for v in ("success", "gibberish") if v in row), "refusal") for row in worst)
             if self.fidelity is not None and reference is not None:
                 self.fidelity.update_harmful(model, formatter, attack.name, split, harmful, responses, verdicts,
                                              reference)
@@ -185,10 +211,17 @@ class SafetyEvaluation(L.Callback):
         out: dict = {"asr": {}, "refusal": {}, "gibberish": {}, "benign_accuracy": {}, "over_refusal": {},
                      "benign_kl": {}, "budgets": {a.name: a.describe() for a in self.attacks}, "judge": self.judge_name,
                      "attack_seconds": {name: round(t, 1) for name, t in self.seconds.items()}}
+        if self.strict_judge is not None:
+            out["asr_strict"] = {}
         for key, metric in self.metrics.items():
             name, split = key.split("|")
             value = metric.compute()
-            if name == "kl":
+            if name.startswith("strict/"):
+                out["asr_strict"].setdefault(name.split("/", 1)[1], {})[split] = {k: value[k] for k in
+                                                                                  ("rate", "low", "high", "n")}
+            elif name.startswith("curve/"):
+                out.setdefault("curves", {}).setdefault(name.split("/", 1)[1], {})[split] = value
+            elif name == "kl":
                 out["benign_kl"][split] = float(value)
             elif split in self.harmful_splits:
                 out["asr"].setdefault(name, {})[split] = {k: value[k] for k in ("rate", "low", "high", "n")}
@@ -243,10 +276,13 @@ class SafetyEvaluation(L.Callback):
                                                         metadata=self.projected["labels"], tag="representations")
 
     def write(self, results: dict, directory: str) -> None:
-        """``eval_results.json``, ``eval_results.md`` and ``eval_results.png`` in ``directory``."""
+        """``eval_results.json``, ``eval_results.md``, ``eval_results.png`` and, with curves,
+        ``eval_curves.png`` in ``directory``."""
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, "eval_results.json"), "w") as f:
             json.dump(results, f, indent=2)
         with open(os.path.join(directory, "eval_results.md"), "w") as f:
             f.write(to_markdown(results))
         plot_asr(results, os.path.join(directory, "eval_results.png"))
+        if results.get("curves"):
+            plot_curves(results, os.path.join(directory, "eval_curves.png"))
