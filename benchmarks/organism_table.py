@@ -3,6 +3,7 @@ same suite (configs/suite.yaml). Writes benchmarks/results/organism_table.{json,
 
     python benchmarks/organism_table.py                  # one seed, 50 behaviours per split
     python benchmarks/organism_table.py --seeds 3 --n 100
+    python benchmarks/organism_table.py --keep-checkpoints   # re-attack the models already trained in --work
 
 Each method is one training config; "base" is the aligned organism with fresh adapters. Seeds vary
 the adapter initialisation and the data order. The methods of one seed run side by side, ``--jobs``
@@ -43,23 +44,30 @@ def result_path(work: str, name: str, seed: int) -> str:
 
 
 def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str, reuse: bool = False,
-                    threads: int | None = None, extra: tuple[str, ...] = ()) -> dict:
+                    threads: int | None = None, extra: tuple[str, ...] = (), keep_checkpoints: bool = False) -> dict:
     saved = result_path(work, name, seed)
-    if reuse and os.path.isfile(saved):
+    previous = None
+    if os.path.isfile(saved):
         with open(saved) as f:
-            return json.load(f)
+            previous = json.load(f)
+    if reuse and previous is not None:
+        return previous
     logger = ["--trainer.logger.init_args.save_dir", work, "--trainer.enable_progress_bar=false"]
     train_seconds = 0.0
+    checkpoint = os.path.join(work, name, f"seed{seed}", "checkpoints", "last.ckpt")
     test = ["test", "--config", config or "configs/evaluate.yaml", f"--data.init_args.test_size={n}", *logger,
             "--trainer.logger.init_args.name", f"{name}_test", "--trainer.logger.init_args.version", f"seed{seed}",
             *extra]
-    if config is not None:
+    if config is not None and keep_checkpoints and os.path.isfile(checkpoint):
+        train_seconds = (previous or {}).get("train_seconds")  # the training run that wrote the checkpoint
+        test += ["--ckpt_path", checkpoint]
+    elif config is not None:
         shutil.rmtree(os.path.join(work, name, f"seed{seed}"), ignore_errors=True)  # no stale checkpoints
         train_seconds = run(["fit", "--config", config, "--seed_everything", str(seed), f"--data.init_args.seed={seed}",
                              *logger, "--trainer.logger.init_args.name", name,
                              "--trainer.logger.init_args.version", f"seed{seed}", *extra],
                             os.path.join(work, f"{name}_seed{seed}_fit.log"), threads)
-        test += ["--ckpt_path", os.path.join(work, name, f"seed{seed}", "checkpoints", "last.ckpt")]
+        test += ["--ckpt_path", checkpoint]
     eval_seconds = run(test, os.path.join(work, f"{name}_seed{seed}_test.log"), threads)
     with open(os.path.join(work, f"{name}_test", f"seed{seed}", "eval_results.json")) as f:
         results = {**json.load(f), "train_seconds": train_seconds, "eval_seconds": eval_seconds, "n": n}
@@ -80,10 +88,19 @@ def aggregate(per_seed: dict[str, list[dict]]) -> dict:
                     "n": first["asr"][attack][split]["n"],
                 }
                 row["gibberish"].setdefault(attack, {})[split] = spread([r["gibberish"][attack][split] for r in runs])
+        for attack, splits in first.get("asr_strict", {}).items():
+            for split in splits:
+                row.setdefault("asr_strict", {}).setdefault(attack, {})[split] = spread(
+                    [r["asr_strict"][attack][split]["rate"] for r in runs])
+        for attack, splits in first.get("curves", {}).items():
+            for split, curve in splits.items():
+                row.setdefault("curves", {}).setdefault(attack, {})[split] = {
+                    budget: spread([r["curves"][attack][split][budget]["rate"] for r in runs]) for budget in curve}
+        row["attack_seconds"] = {a: spread([r["attack_seconds"][a] for r in runs]) for a in first["attack_seconds"]}
         row["benign_accuracy"] = {k: spread([r["benign_accuracy"][k] for r in runs]) for k in first["benign_accuracy"]}
         row["benign_kl"] = {k: spread([r["benign_kl"][k] for r in runs]) for k in first["benign_kl"]}
         row["over_refusal"] = {k: spread([r["over_refusal"][k] for r in runs]) for k in first["over_refusal"]}
-        row["train_seconds"] = spread([r["train_seconds"] for r in runs])
+        row["train_seconds"] = spread([r["train_seconds"] or 0.0 for r in runs])
         row["eval_seconds"] = spread([r["eval_seconds"] for r in runs])
         table[method] = row
     return table
@@ -97,6 +114,31 @@ def markdown(table: dict, budgets: dict, seeds: int, n: int, seed_seconds: list[
         for method, row in table.items():
             lines.append(f"| {method} | " + " | ".join(spread_cell(row["asr"][attack].get(s)) for s in SPLITS) + " |")
         lines.append("")
+    lines += ["**worst case, strict reading** (the answer and nothing after it)", "",
+              "| method | " + " | ".join(SPLITS) + " |", "|---" * (len(SPLITS) + 1) + "|"]
+    for method, row in table.items():
+        strict = row.get("asr_strict", {})
+        worst = {s: max((strict[a][s]["mean"] for a in strict if s in strict[a]), default=None) for s in SPLITS}
+        lines.append(f"| {method} | " + " | ".join("—" if v is None else f"{v:.2f}" for v in worst.values()) + " |")
+    lines += ["", "(the largest single attack's strict ASR, a lower bound on the strict worst case)", ""]
+    for attack in sorted({a for row in table.values() for a in row.get("curves", {})}):
+        splits = [s for s in SPLITS if any(s in row.get("curves", {}).get(attack, {}) for row in table.values())]
+        lines += [f"**{attack}: ASR by budget** ({', '.join(splits)})", ""]
+        budgets = next(list(row["curves"][attack][splits[0]]) for row in table.values() if attack in row.get("curves", {}))
+        lines += ["| method | split | " + " | ".join(str(b) for b in budgets) + " |", "|---" * (len(budgets) + 2) + "|"]
+        for method, row in table.items():
+            for split in splits:
+                curve = row.get("curves", {}).get(attack, {}).get(split)
+                if curve:
+                    lines.append(f"| {method} | {split} | " + " | ".join(spread_cell(curve[b]) for b in budgets) + " |")
+        lines.append("")
+    lines += ["**seconds per attack** (all splits, mean over seeds)", "",
+              "| method | " + " | ".join(attacks[:-1] if attacks[-1] == "worst_case" else attacks) + " |"]
+    lines.append("|---" * (len(lines[-1].split("|")) - 2) + "|")
+    for method, row in table.items():
+        lines.append(f"| {method} | " + " | ".join(f"{row['attack_seconds'][a]['mean']:.0f}" if a in row["attack_seconds"]
+                                                   else "—" for a in attacks if a != "worst_case") + " |")
+    lines.append("")
     lines += ["**capability and cost**", "",
               "| method | benign acc. A | B | C | benign KL (A) | borderline over-refusal | borderline acc. | "
               "gibberish (prefill, train) | train s | eval s |", "|---" * 10 + "|"]
@@ -142,6 +184,38 @@ def plot(table: dict, path: str) -> None:
     plt.close(fig)
 
 
+def plot_curves(table: dict, path: str, split: str = "heldout_synonym") -> None:
+    """One panel per budgeted attack: each method's ASR on ``split`` against the budget (mean over
+    seeds, min-max band)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = sorted({a for row in table.values() for a in row.get("curves", {}) if split in row["curves"][a]})
+    if not attacks:
+        return
+    fig, axes = plt.subplots(1, len(attacks), figsize=(3.4 * len(attacks), 3.4), sharey=True, squeeze=False)
+    for ax, attack in zip(axes[0], attacks):
+        for method, row in table.items():
+            curve = row.get("curves", {}).get(attack, {}).get(split)
+            if not curve:
+                continue
+            budgets = [int(b) for b in curve]
+            ax.plot(budgets, [c["mean"] for c in curve.values()], marker="o", label=method)
+            ax.fill_between(budgets, [c["min"] for c in curve.values()], [c["max"] for c in curve.values()], alpha=0.12)
+        ax.set_xscale("log")
+        ax.set_title(attack)
+        ax.set_xlabel("budget (steps; samples)")
+    axes[0][0].set_ylabel(f"ASR on {split} (exact judge)")
+    axes[0][0].set_ylim(0, 1.05)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(table), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.88))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=1, help="seeds per method (default 1)")
@@ -152,6 +226,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="log directories of every run (not committed)")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse finished (method, seed) results found in --work instead of re-running them")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="test the trained checkpoints found in --work instead of training again")
     parser.add_argument("--jobs", type=int, default=2,
                         help="methods trained and attacked side by side, each with cores/jobs threads (default 2)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
@@ -169,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             futures = {m: pool.submit(evaluate_method, m, METHODS[m], seed, args.n, args.work, args.reuse, threads,
-                                          tuple(args.extra))
+                                          tuple(args.extra), args.keep_checkpoints)
                        for m in order}
             results = {m: futures[m].result() for m in args.methods}
         if not reused:
@@ -186,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
             if result["n"] != args.n:
                 raise SystemExit(f"{method} seed {seed} in {args.work} was measured with n={result['n']}, not {args.n}")
             per_seed.setdefault(method, []).append(result)
-            print(f"seed {seed} {method}: train {result['train_seconds']:.0f} s, eval {result['eval_seconds']:.0f} s",
+            print(f"seed {seed} {method}: train {result['train_seconds'] or 0:.0f} s, eval {result['eval_seconds']:.0f} s",
                   flush=True)
         if seed_seconds[-1] is not None:
             print(f"seed {seed}: the whole table in {seed_seconds[-1]:.0f} s ({args.jobs} jobs)", flush=True)
@@ -198,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     text = markdown(table, budgets, args.seeds, args.n, seed_seconds, args.jobs)
     atomic_write(os.path.join(args.out, "organism_table.md"), text)
     plot(table, os.path.join(args.out, "organism_table.png"))
+    plot_curves(table, os.path.join(args.out, "organism_curves.png"))
     print(json.dumps({m: {"asr_embedding_heldout": r["asr"]["embedding"]["heldout_synonym"]["mean"],
                           "benign_accuracy_A": r["benign_accuracy"]["A"]["mean"]} for m, r in table.items()}))
     print(text)

@@ -66,6 +66,11 @@ class Layout:
     target_mask: Tensor
     prompt_width: int
 
+    def select(self, keep: Tensor) -> Layout:
+        """The rows ``keep`` (a boolean mask) of this layout."""
+        return Layout(self.ids[keep], self.attention_mask[keep], self.suffix_mask[keep], self.target_mask[keep],
+                      self.prompt_width)
+
     @property
     def prompt_ids(self) -> Tensor:
         return self.ids[:, : self.prompt_width]

@@ -97,6 +97,11 @@ class GradientAttack(Attack):
         """(left-padded prompt embeddings, attention mask) of the rows ``which``."""
         raise NotImplementedError
 
+    def select(self, state: dict, keep: Tensor) -> dict:
+        """The state of the rows ``keep`` only (broken behaviours leave the batch: no compute is spent
+        on them)."""
+        raise NotImplementedError
+
     def run(self, model, formatter: ChatFormatter, records: Sequence[Record], judge=None) -> AttackResult:
         book = SnapshotBook(records, judge)
         checkpoints = snapshot_steps(self.steps, self.snapshots)
@@ -125,6 +130,10 @@ class GradientAttack(Attack):
             active = self._active(book, rows)
             if not active.any():
                 return
+            if not active.all():  # drop the broken rows from the batch
+                state, matched = self.select(state, active), matched[active]
+                rows = [r for r, a in zip(rows, active.tolist()) if a]
+                active = active[active]
             loss, match = self.score(model, state)
             just_matched = match & ~matched & active  # the target just became the greedy continuation
             if just_matched.any():
@@ -231,6 +240,10 @@ class EmbeddingAttack(SuffixAttack):
         lay = state["lay"]
         return self._embeddings(state, state["suffix"].detach())[which, : lay.prompt_width], lay.prompt_attention[which]
 
+    def select(self, state: dict, keep: Tensor) -> dict:
+        return {**state, "lay": state["lay"].select(keep), "base": state["base"][keep],
+                "suffix": state["suffix"].detach()[keep].requires_grad_(True)}
+
 
 @dataclass
 class EmbeddingPerturbationAttack(GradientAttack):
@@ -307,6 +320,11 @@ class EmbeddingPerturbationAttack(GradientAttack):
         lay = state["lay"]
         return self._embeddings(state, state["delta"].detach())[which, : lay.prompt_width], lay.prompt_attention[which]
 
+    def select(self, state: dict, keep: Tensor) -> dict:
+        lay = state["lay"].select(keep)
+        return {**state, "lay": lay, "base": state["base"][keep], "row": lay.suffix_mask.nonzero()[:, 0],
+                "delta": state["delta"].detach()[keep[state["row"]]].requires_grad_(True)}
+
 
 @dataclass
 class GCGAttack(SuffixAttack):
@@ -361,6 +379,10 @@ class GCGAttack(SuffixAttack):
     def prompt(self, model, state: dict, which: Tensor) -> tuple[Tensor, Tensor]:
         lay = self._layout(state, which)
         return model.get_input_embeddings()(lay.prompt_ids), lay.prompt_attention
+
+    def select(self, state: dict, keep: Tensor) -> dict:
+        return {**state, "parts": [p for p, k in zip(state["parts"], keep.tolist()) if k],
+                "suffixes": state["suffixes"][keep]}
 
     def _step(self, model, tokenizer, parts: list[Parts], suffixes: Tensor, allowed: Tensor, generator) -> Tensor:
         embed = model.get_input_embeddings()
