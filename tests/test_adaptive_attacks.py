@@ -212,3 +212,32 @@ def test_suite_reports_worst_case_strict_reading_and_curves(setting):
     assert results["asr"]["worst_case"]["train"]["rate"] == 0.5
     assert results["asr_strict"]["b"]["train"]["rate"] == 0.0  # the answer, then a refusal sentence
     assert results["curves"]["a"]["train"][1]["rate"] == 0.25 and "b" not in results["curves"]
+
+
+def test_gcg_prefix_cache_scores_like_the_whole_prompt(setting):
+    from lit_safety.evaluation.attacks import target_nll
+    from lit_safety.evaluation.suffix import layout, rest_layout, split_prompt
+    from lit_safety.evaluation.suffix_attacks import PrefixCache
+
+    model, formatter, records = setting
+    tokenizer = formatter.tokenizer
+    parts = [split_prompt(formatter, r, r.answer) for r in records]
+    suffixes = [tokenizer(" please ok", add_special_tokens=False)["input_ids"], [5, 6], [7, 8], [9, 10]]
+    suffixes = [s[:2] for s in suffixes]
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        lay = layout(parts, suffixes, tokenizer.pad_token_id)
+        whole, whole_match = target_nll(model, embed(lay.ids), lay, with_match=True)
+        cache = PrefixCache(model, parts, tokenizer.pad_token_id)
+        rest = rest_layout(parts, suffixes, tokenizer.pad_token_id)
+        cached, cached_match = cache.target_nll(model, torch.arange(len(parts)), rest, embed(rest.ids), with_match=True)
+        # rows in another order, each behaviour's prefix picked by index (as for candidates)
+        order = torch.tensor([2, 0, 3, 1, 2])
+        picked = rest_layout([parts[i] for i in order], [suffixes[i] for i in order], tokenizer.pad_token_id)
+        shuffled = cache.target_nll(model, order, picked, embed(picked.ids))
+    assert torch.allclose(cached, whole, atol=1e-4) and torch.equal(cached_match, whole_match)
+    assert torch.allclose(shuffled, whole[order], atol=1e-4)
+    kept = cache.select(torch.tensor([False, True, False, True]))
+    with torch.no_grad():
+        sub = rest_layout([parts[1], parts[3]], [suffixes[1], suffixes[3]], tokenizer.pad_token_id)
+        assert torch.allclose(kept.target_nll(model, torch.arange(2), sub, embed(sub.ids)), whole[[1, 3]], atol=1e-4)

@@ -97,3 +97,27 @@ def layout(parts: Sequence[Parts], suffixes: Sequence[Sequence[int]], pad_token_
             attention[i, width : width + len(p.target)] = True
             target_mask[i, width : width + len(p.target)] = True
     return Layout(ids, attention, suffix_mask, target_mask, width)
+
+
+@dataclass
+class Rest:
+    """What follows a cached prefix: [suffix][template end][target] per row, right-padded ([N, R])."""
+
+    ids: Tensor
+    attention_mask: Tensor
+    suffix_mask: Tensor
+    target_mask: Tensor
+
+
+def rest_layout(parts: Sequence[Parts], suffixes: Sequence[Sequence[int]], pad_token_id: int) -> Rest:
+    rows = [list(s) + p.after + p.target for p, s in zip(parts, suffixes)]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros(len(rows), width, dtype=torch.bool)
+    suffix_mask, target_mask = torch.zeros_like(attention), torch.zeros_like(attention)
+    for i, (p, s, row) in enumerate(zip(parts, suffixes, rows)):
+        ids[i, : len(row)] = torch.tensor(row)
+        attention[i, : len(row)] = True
+        suffix_mask[i, : len(s)] = True
+        target_mask[i, len(row) - len(p.target) : len(row)] = True
+    return Rest(ids, attention, suffix_mask, target_mask)

@@ -30,8 +30,9 @@ from lit_safety.evaluation.attacks import (
     target_nll,
     token_ids,
 )
-from lit_safety.evaluation.generation import greedy_from_embeddings
-from lit_safety.evaluation.suffix import Layout, Parts, layout, split_prompt, split_request
+from lit_safety.evaluation.generation import greedy_from_embeddings, positions
+from lit_safety.evaluation.suffix import Layout, Parts, Rest, layout, rest_layout, split_prompt, split_request
+from lit_safety.losses import token_logprobs
 
 
 @dataclass
@@ -326,6 +327,45 @@ class EmbeddingPerturbationAttack(GradientAttack):
                 "delta": state["delta"].detach()[keep[state["row"]]].requires_grad_(True)}
 
 
+class PrefixCache:
+    """The keys and values of every behaviour's prompt before its suffix, computed once and shared by
+    all candidates of every step (nanoGCG's prefix cache): a candidate's forward covers only
+    [suffix][template end][target]."""
+
+    def __init__(self, model, parts: Sequence[Parts], pad_token_id: int):
+        from lit_safety.evaluation.generation import left_pad
+
+        ids, mask = left_pad([p.before for p in parts], pad_token_id)
+        device = next(model.parameters()).device
+        self.mask, self.length = mask.bool().to(device), mask.sum(-1).to(device)
+        with torch.no_grad():
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions(mask.to(device)),
+                        use_cache=True)
+        self.layers = [(layer.keys, layer.values) for layer in out.cache.layers]
+
+    def select(self, keep: Tensor) -> PrefixCache:
+        chosen = object.__new__(PrefixCache)
+        chosen.mask, chosen.length = self.mask[keep], self.length[keep]
+        chosen.layers = [(k[keep], v[keep]) for k, v in self.layers]
+        return chosen
+
+    def target_nll(self, model, rows: Tensor, rest: Rest, embeddings: Tensor, with_match: bool = False):
+        """``target_nll`` of the rows ``rows`` of the cache followed by ``rest`` (its embeddings given)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in self.layers])
+        attention = torch.cat([self.mask[rows], rest.attention_mask], dim=1).long()
+        position_ids = self.length[rows, None] + rest.attention_mask.long().cumsum(-1) - 1
+        logits = model(inputs_embeds=embeddings, attention_mask=attention, position_ids=position_ids, cache=cache,
+                       use_cache=True).logits
+        target = rest.target_mask[:, 1:]
+        nll = -(token_logprobs(logits, rest.ids) * target).sum(-1) / target.sum(-1).clamp_min(1)
+        if not with_match:
+            return nll
+        hits = (logits[:, :-1].argmax(-1) == rest.ids[:, 1:]) | ~target
+        return nll, hits.all(-1)
+
+
 @dataclass
 class GCGAttack(SuffixAttack):
     """Greedy Coordinate Gradient (Zou et al. 2023): a discrete suffix; at each step the gradient of the
@@ -359,7 +399,8 @@ class GCGAttack(SuffixAttack):
                 "allowed": allowed_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])}
 
     def begin(self, model, formatter, parts, init, shared) -> dict:
-        return {**shared, "parts": parts, "suffixes": torch.tensor([init] * len(parts))}
+        return {**shared, "parts": parts, "suffixes": torch.tensor([init] * len(parts)),
+                "prefix": PrefixCache(model, parts, formatter.tokenizer.pad_token_id)}
 
     def _layout(self, state: dict, which: Tensor | None = None) -> Layout:
         rows = range(len(state["parts"])) if which is None else which.nonzero().flatten().tolist()
@@ -368,13 +409,15 @@ class GCGAttack(SuffixAttack):
 
     @torch.no_grad()
     def score(self, model, state: dict) -> tuple[Tensor, Tensor]:
-        lay = self._layout(state)
-        return target_nll(model, model.get_input_embeddings()(lay.ids), lay, with_match=True)
+        rest = rest_layout(state["parts"], state["suffixes"].tolist(), state["tokenizer"].pad_token_id)
+        rows = torch.arange(len(state["parts"]))
+        return state["prefix"].target_nll(model, rows, rest, model.get_input_embeddings()(rest.ids), with_match=True)
 
     def update(self, model, state: dict, loss: Tensor, active: Tensor) -> None:
-        rows = active.nonzero().flatten().tolist()
-        state["suffixes"][rows] = self._step(model, state["tokenizer"], [state["parts"][i] for i in rows],
-                                             state["suffixes"][rows], state["allowed"], state["generator"])
+        rows = active.nonzero().flatten()
+        state["suffixes"][rows] = self._step(model, state["tokenizer"], [state["parts"][i] for i in rows.tolist()],
+                                             state["suffixes"][rows], state["allowed"], state["generator"],
+                                             state["prefix"], rows)
 
     def prompt(self, model, state: dict, which: Tensor) -> tuple[Tensor, Tensor]:
         lay = self._layout(state, which)
@@ -382,15 +425,19 @@ class GCGAttack(SuffixAttack):
 
     def select(self, state: dict, keep: Tensor) -> dict:
         return {**state, "parts": [p for p, k in zip(state["parts"], keep.tolist()) if k],
-                "suffixes": state["suffixes"][keep]}
+                "suffixes": state["suffixes"][keep], "prefix": state["prefix"].select(keep)}
 
-    def _step(self, model, tokenizer, parts: list[Parts], suffixes: Tensor, allowed: Tensor, generator) -> Tensor:
+    def _step(self, model, tokenizer, parts: list[Parts], suffixes: Tensor, allowed: Tensor, generator,
+              prefix: PrefixCache | None = None, prefix_rows: Tensor | None = None) -> Tensor:
         embed = model.get_input_embeddings()
         rows, length = suffixes.shape
-        lay = layout(parts, suffixes.tolist(), tokenizer.pad_token_id)
+        if prefix is None:
+            prefix = PrefixCache(model, parts, tokenizer.pad_token_id)
+            prefix_rows = torch.arange(rows)
+        rest = rest_layout(parts, suffixes.tolist(), tokenizer.pad_token_id)
         one_hot = torch.nn.functional.one_hot(suffixes, embed.weight.shape[0]).to(embed.weight.dtype).requires_grad_(True)
-        embeddings = embed(lay.ids).detach().masked_scatter(lay.suffix_mask[..., None], one_hot @ embed.weight)
-        (grad,) = torch.autograd.grad(target_nll(model, embeddings, lay).sum(), one_hot)
+        embeddings = embed(rest.ids).detach().masked_scatter(rest.suffix_mask[..., None], one_hot @ embed.weight)
+        (grad,) = torch.autograd.grad(prefix.target_nll(model, prefix_rows, rest, embeddings).sum(), one_hot)
         grad[..., ~allowed] = float("inf")
         top_k = min(self.top_k, int(allowed.sum()))
         top = (-grad).topk(top_k, dim=-1).indices  # [rows, n, k]
@@ -403,16 +450,15 @@ class GCGAttack(SuffixAttack):
         flat = candidates.view(-1, length).tolist()
         consistent = torch.tensor([tokenizer(" " + tokenizer.decode(c), add_special_tokens=False)["input_ids"] == c
                                    for c in flat]).view(rows, self.candidates)
+        owner = prefix_rows.repeat_interleave(self.candidates)  # the behaviour of each candidate
         with torch.no_grad():
-            losses = torch.cat([self._candidate_losses(model, [parts[i // self.candidates] for i in range(s, s + len(c))],
-                                                       c, tokenizer.pad_token_id)
-                                for s, c in chunks(flat, 512)]).view(rows, self.candidates)
+            losses = []
+            for start, chunk in chunks(flat, 1024):
+                index = list(range(start, start + len(chunk)))
+                cand = rest_layout([parts[i // self.candidates] for i in index], chunk, tokenizer.pad_token_id)
+                losses.append(prefix.target_nll(model, owner[index], cand, embed(cand.ids)))
+        losses = torch.cat(losses).view(rows, self.candidates)
         losses[~consistent] = float("inf")
         best = losses.argmin(-1)
         keep = consistent.any(-1)
         return torch.where(keep[:, None], candidates[torch.arange(rows), best], suffixes)
-
-    @staticmethod
-    def _candidate_losses(model, parts: list[Parts], suffixes: list[list[int]], pad_token_id: int) -> Tensor:
-        lay = layout(parts, suffixes, pad_token_id)
-        return target_nll(model, model.get_input_embeddings()(lay.ids), lay)
