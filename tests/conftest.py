@@ -87,3 +87,28 @@ def tiny_args(tiny_model_dir, data_files, tmp_path) -> list[str]:
         "--trainer.devices=1",
         "--trainer.enable_progress_bar=false",
     ]
+
+
+QUICK = {"steps": 3, "snapshots": 1, "k": 2, "checkpoints": [1, 2]}
+
+
+def quick_suite_config(path) -> str:
+    """configs/suite.yaml with every budget cut to a few steps: the same attacks through the same
+    CLI path, at a cost a test affords (the shipped budgets run in the slow tests)."""
+    import yaml
+
+    shipped = os.path.join(os.path.dirname(__file__), "..", "configs", "suite.yaml")
+    with open(shipped) as f:
+        suite = yaml.safe_load(f)
+    for attack in suite["init_args"]["attacks"]:
+        args = attack.get("init_args", {})
+        args.update({key: value for key, value in QUICK.items() if key in args})
+    out = os.path.join(path, "quick_suite.yaml")
+    with open(out, "w") as f:
+        yaml.safe_dump(suite, f)
+    return out
+
+
+@pytest.fixture(scope="session")
+def quick_suite(tmp_path_factory) -> str:
+    return quick_suite_config(tmp_path_factory.mktemp("suite"))

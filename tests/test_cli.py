@@ -180,7 +180,7 @@ def test_progress_prints_a_line_every_interval_when_not_a_terminal(capsys):
     assert [line.split(" |")[0] for line in lines] == ["step 1/3", "step 2/3", "step 3/3"]
 
 
-def test_every_way_to_point_at_a_trained_model_works(tiny_args, tmp_path, monkeypatch):
+def test_every_way_to_point_at_a_trained_model_works(tiny_args, tmp_path, monkeypatch, quick_suite):
     """fit from a shipped config, then the fit checkpoint, the adapter directory (lit_safety and plain
     peft, offline) and `test`, which adds its results to the adapter's model card."""
     import json
@@ -211,7 +211,7 @@ def test_every_way_to_point_at_a_trained_model_works(tiny_args, tmp_path, monkey
     organism_main(["report", "--model", checkpoint, "--n", "2", "--json", str(tmp_path / "report.json")])
     assert json.loads((tmp_path / "report.json").read_text())["asr"]["direct"]["train"]["n"] == 2
     main(["test", "--config", config, *args, "--ckpt_path", checkpoint, "--data.test_size=2",
-          "--evaluation.init_args.projector_layer=null"])
+          "--evaluation", quick_suite, "--evaluation.init_args.projector_layer=null"])
     card = open(os.path.join(adapter, "README.md")).read()
     assert "## Evaluation" in card and "| direct |" in card and "Budgets:" in card
 

@@ -168,12 +168,12 @@ class SafetyEvaluation(L.Callback):
             for row, verdict in zip(worst, verdicts):
                 row.append(verdict)
             self._keep(attack.name, split, responses)
-        if f"worst_case|{split}" in self.metrics and harmful:
-            self.metrics[f"worst_case|{split}"].update(
-                next((v for v in ("success", "gibberish") if v in row), "refusal") for row in worst)
             if self.fidelity is not None and reference is not None:
                 self.fidelity.update_harmful(model, formatter, attack.name, split, harmful, responses, verdicts,
                                              reference)
+        if f"worst_case|{split}" in self.metrics and harmful:
+            self.metrics[f"worst_case|{split}"].update(
+                next((v for v in ("success", "gibberish") if v in row), "refusal") for row in worst)
         if other:
             responses = self.benign_request.run(model, formatter, other).responses
             self.metrics[f"direct|{split}"].update(

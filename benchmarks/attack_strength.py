@@ -1,0 +1,107 @@
+"""How strong is the suite's embedding attack? It is run beside reference embedding attacks on the same
+behaviours of the same models, every one toward the whole answer, and the ASR of each (with its
+Wilson interval and its curve over steps) is written to benchmarks/results/attack_strength.{json,md}.
+
+    python benchmarks/attack_strength.py --model triplet_adv=path/to/last.ckpt --n 100
+    python benchmarks/attack_strength.py --model base=organism --model lat=runs/lat/seed0/checkpoints/last.ckpt
+
+The references: 10 vectors and 300 signed steps from "please" and from "!" (one start each, judged
+every 25 steps), and 20 vectors x 1000 steps from "please". The suite's attack is the one in
+configs/suite.yaml (or --suite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import ROOT, atomic_write, interval_cell
+
+REFERENCES = {
+    "10 x 300 from please": {"suffix_length": 10, "steps": 300, "snapshots": 12, "init": "please"},
+    "10 x 300 from !": {"suffix_length": 10, "steps": 300, "snapshots": 12, "init": "!"},
+    "20 x 1000 from please": {"suffix_length": 20, "steps": 1000, "snapshots": 40, "init": "please"},
+}
+
+
+def suite_embedding_attack(path: str):
+    """The EmbeddingAttack of a suite config, built as the CLI builds it."""
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    from lit_safety.evaluation import SafetyEvaluation
+
+    parser = ArgumentParser()
+    parser.add_argument("--suite", type=SafetyEvaluation)
+    with open(path) as f:
+        suite = parser.instantiate_classes(parser.parse_object({"suite": yaml.safe_load(f)})).suite
+    return next(a for a in suite.attacks if a.name == "embedding")
+
+
+def measure(model_spec: str, attacks: dict, split: str, n: int) -> dict:
+    from lit_safety.artifacts import load_for_evaluation
+    from lit_safety.data import ChatFormatter, load_records
+    from lit_safety.evaluation import ExactJudge
+    from lit_safety.evaluation.stats import rate
+
+    model, tokenizer = load_for_evaluation(model_spec)
+    formatter, judge = ChatFormatter(tokenizer, max_prompt_length=512), ExactJudge()
+    records = load_records(f"organism:eval_{split}")[:n]
+    out = {}
+    for name, attack in attacks.items():
+        start = time.perf_counter()
+        result = attack.run(model, formatter, records, judge)
+        budgets = attack.curve_budgets()
+        out[name] = {
+            "asr": rate(sum(judge(r, x) == "success" for r, x in zip(records, result.responses)), len(records)),
+            "asr_strict": rate(sum(judge.strict(r, x) == "success" for r, x in zip(records, result.responses)),
+                               len(records)),
+            "curve": {b: rate(k, len(records)) for b, k in zip(budgets, result.broken_within(budgets))},
+            "budget": attack.describe(), "seconds": round(time.perf_counter() - start, 1)}
+        print(f"{model_spec} {name}: {interval_cell(out[name]['asr'])} ({out[name]['seconds']} s)", flush=True)
+    return out
+
+
+def markdown(results: dict, split: str, n: int) -> str:
+    names = list(next(iter(results.values())))
+    lines = [f"Embedding attacks toward the whole answer, {split}, {n} behaviours, exact judge (harm done; "
+             "strict reading in brackets after the interval).", "",
+             "| model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for model, row in results.items():
+        lines.append(f"| {model} | " + " | ".join(f"{interval_cell(row[a]['asr'])} ({row[a]['asr_strict']['rate']:.2f})"
+                                                 for a in names) + " |")
+    lines += ["", "Seconds: " + "; ".join(f"{m} " + ", ".join(f"{row[a]['seconds']:.0f}" for a in names)
+                                          for m, row in results.items()), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from lit_safety.evaluation import EmbeddingAttack
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", required=True, help="name=checkpoint, adapter or model name")
+    parser.add_argument("--split", default="heldout_synonym")
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--suite", default=os.path.join(ROOT, "configs", "suite.yaml"))
+    parser.add_argument("--references", nargs="+", default=list(REFERENCES), choices=list(REFERENCES))
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = parser.parse_args(argv)
+    attacks = {"suite": suite_embedding_attack(args.suite),
+               **{name: EmbeddingAttack(**REFERENCES[name]) for name in args.references}}
+    results = {}
+    for spec in args.model:
+        name, _, path = spec.partition("=")
+        results[name] = measure(path or name, attacks, args.split, args.n)
+    atomic_write(os.path.join(args.out, "attack_strength.json"),
+                 json.dumps({"split": args.split, "n": args.n, "models": results}, indent=1))
+    atomic_write(os.path.join(args.out, "attack_strength.md"), markdown(results, args.split, args.n))
+
+
+if __name__ == "__main__":
+    main()
