@@ -241,3 +241,24 @@ def test_gcg_prefix_cache_scores_like_the_whole_prompt(setting):
     with torch.no_grad():
         sub = rest_layout([parts[1], parts[3]], [suffixes[1], suffixes[3]], tokenizer.pad_token_id)
         assert torch.allclose(kept.target_nll(model, torch.arange(2), sub, embed(sub.ids)), whole[[1, 3]], atol=1e-4)
+
+
+def test_attacking_a_merged_copy_gives_the_same_results_and_leaves_the_model(setting):
+    _, formatter, records = setting
+    model = backbone.add_lora(backbone.load_causal_lm("organism"), 4, 8.0, 0.0, "all-linear", None).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # a trained-looking adapter
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    results = []
+    for merge in (False, True):
+        suite = SafetyEvaluation(attacks=[EmbeddingAttack(suffix_length=3, steps=6, snapshots=2, early_stop=False),
+                                          HarmfulFineTuning(checkpoints=[1])], projector_layer=None,
+                                 merge_adapters=merge, keep_responses=10)
+        suite.prepare({"train": True}, model, reference=False)
+        suite.evaluate(model, formatter.tokenizer, "train", records)
+        results.append(suite.results())
+    assert results[0]["responses"] == results[1]["responses"]
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert type(model).__name__.startswith("Peft")

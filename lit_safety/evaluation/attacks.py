@@ -129,9 +129,11 @@ class AttackResult:
 
 
 class Attack:
-    """Base of every attack: ``name`` keys its results, ``describe()`` is its budget."""
+    """Base of every attack: ``name`` keys its results, ``describe()`` is its budget;
+    ``needs_adapters``: it trains the model's LoRA weights (the others may get a merged copy)."""
 
     name = "attack"
+    needs_adapters = False
 
     def describe(self) -> dict:
         return asdict(self)

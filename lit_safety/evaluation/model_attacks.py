@@ -167,6 +167,7 @@ class HarmfulFineTuning(Attack):
     seed: int = 0
     max_new_tokens: int = 24
     name = "tampering"
+    needs_adapters = True
 
     def __post_init__(self) -> None:
         _check_source(self.pairs, "HarmfulFineTuning", "pairs")

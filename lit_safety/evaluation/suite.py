@@ -9,6 +9,7 @@ is a torchmetrics state, so the figures are exact under DDP. Any module with ``m
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -70,6 +71,10 @@ class SafetyEvaluation(L.Callback):
         fidelity_tokens: completion tokens the token agreement covers.
         keep_responses: keep up to this many responses per attack and split in the results (this
             rank's), e.g. to compare two models' answers.
+        merge_adapters: attack a copy of the model with its LoRA weights merged into the base (the
+            same function, no adapter branch in every layer: about 1.5x faster on the organism on a
+            CPU; costs one more copy of the weights). Attacks that train the adapters
+            (``needs_adapters``) always get the model itself.
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class SafetyEvaluation(L.Callback):
         fidelity: bool = False,
         fidelity_tokens: int = 32,
         keep_responses: int = 0,
+        merge_adapters: bool = False,
     ):
         self.attacks = list(attacks) if attacks is not None else [DirectRequest(), PrefillAttack()]
         self.benign_request = next((a for a in self.attacks if isinstance(a, DirectRequest)), DirectRequest())
@@ -92,6 +98,7 @@ class SafetyEvaluation(L.Callback):
         self.max_prompt_length = max_prompt_length
         self.fidelity = FidelityMeasures(fidelity_tokens) if fidelity else None
         self.keep_responses = keep_responses
+        self.merge_adapters = merge_adapters
         self.responses: dict[str, dict[str, list[str]]] = {}
         # "attack|split", "strict/attack|split", "worst_case|split" -> VerdictRates; "curve/attack|split" ->
         # BudgetCurve; "kl|split" -> MeanMetric
@@ -152,9 +159,14 @@ class SafetyEvaluation(L.Callback):
         harmful = [r for r in records if r.kind == "harmful"]
         other = [r for r in records if r.kind != "harmful"]
         worst = [[] for _ in harmful]  # every attack's verdict per behaviour
+        merged = None
         for attack in self._attacks_for(split) if harmful else []:
             start = time.perf_counter()
-            result = attack.run(model, formatter, harmful, self.judge)
+            attacked = model
+            if self.merge_adapters and not attack.needs_adapters and hasattr(model, "merge_and_unload"):
+                merged = merged if merged is not None else copy.deepcopy(model).merge_and_unload().eval()
+                attacked = merged
+            result = attack.run(attacked, formatter, harmful, self.judge)
             responses = result.responses
             self.seconds[attack.name] += time.perf_counter() - start
             verdicts = [self.judge(r, response) for r, response in zip(harmful, responses)]
