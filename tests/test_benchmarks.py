@@ -45,3 +45,16 @@ def test_smollm2_benchmark_runs_with_another_model_and_data(tmp_path, tiny_model
     assert rows["base"]["benign_kl"] == 0.0 and rows["base"]["n"]["harmful"] == 12
     assert 0.0 <= rows["refusal_sft"]["harmful_refused_or_broken"] <= 1.0
     assert "| refusal_sft |" in (tmp_path / "smollm2.md").read_text()
+
+
+def test_attack_strength_compares_the_suite_attack_with_references(tmp_path, quick_suite):
+    from benchmarks import attack_strength
+
+    attack_strength.main(["--model", "base=organism", "--n", "2", "--suite", quick_suite, "--out", str(tmp_path),
+                          "--references", "10 x 300 from please"])
+    results = json.loads((tmp_path / "attack_strength.json").read_text())
+    row = results["models"]["base"]
+    assert set(row) == {"suite", "10 x 300 from please"}
+    assert row["suite"]["budget"]["steps"] == 3 and row["10 x 300 from please"]["budget"]["steps"] == 300
+    assert row["suite"]["asr"]["n"] == 2 and "300" in row["10 x 300 from please"]["curve"]
+    assert "| base |" in (tmp_path / "attack_strength.md").read_text()
