@@ -124,13 +124,13 @@ def markdown(table: dict, budgets: dict, seeds: int, n: int, seed_seconds: list[
     for attack in sorted({a for row in table.values() for a in row.get("curves", {})}):
         splits = [s for s in SPLITS if any(s in row.get("curves", {}).get(attack, {}) for row in table.values())]
         lines += [f"**{attack}: ASR by budget** ({', '.join(splits)})", ""]
-        budgets = next(list(row["curves"][attack][splits[0]]) for row in table.values() if attack in row.get("curves", {}))
-        lines += ["| method | split | " + " | ".join(str(b) for b in budgets) + " |", "|---" * (len(budgets) + 2) + "|"]
+        points = next(list(row["curves"][attack][splits[0]]) for row in table.values() if attack in row.get("curves", {}))
+        lines += ["| method | split | " + " | ".join(str(b) for b in points) + " |", "|---" * (len(points) + 2) + "|"]
         for method, row in table.items():
             for split in splits:
                 curve = row.get("curves", {}).get(attack, {}).get(split)
                 if curve:
-                    lines.append(f"| {method} | {split} | " + " | ".join(spread_cell(curve[b]) for b in budgets) + " |")
+                    lines.append(f"| {method} | {split} | " + " | ".join(spread_cell(curve[b]) for b in points) + " |")
         lines.append("")
     lines += ["**seconds per attack** (all splits, mean over seeds)", "",
               "| method | " + " | ".join(attacks[:-1] if attacks[-1] == "worst_case" else attacks) + " |"]
