@@ -120,7 +120,8 @@ def markdown(table: dict, budgets: dict, seeds: int, n: int, seed_seconds: list[
         strict = row.get("asr_strict", {})
         worst = {s: max((strict[a][s]["mean"] for a in strict if s in strict[a]), default=None) for s in SPLITS}
         lines.append(f"| {method} | " + " | ".join("—" if v is None else f"{v:.2f}" for v in worst.values()) + " |")
-    lines += ["", "(the largest single attack's strict ASR, a lower bound on the strict worst case)", ""]
+    lines += ["", "(the strict worst case where the results have it, else the largest single attack's strict ASR, "
+              "a lower bound on it)", ""]
     for attack in sorted({a for row in table.values() for a in row.get("curves", {})}):
         splits = [s for s in SPLITS if any(s in row.get("curves", {}).get(attack, {}) for row in table.values())]
         lines += [f"**{attack}: ASR by budget** ({', '.join(splits)})", ""]

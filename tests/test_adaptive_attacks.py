@@ -211,6 +211,7 @@ def test_suite_reports_worst_case_strict_reading_and_curves(setting):
     assert results["asr"]["a"]["train"]["rate"] == 0.25 and results["asr"]["b"]["train"]["rate"] == 0.25
     assert results["asr"]["worst_case"]["train"]["rate"] == 0.5
     assert results["asr_strict"]["b"]["train"]["rate"] == 0.0  # the answer, then a refusal sentence
+    assert results["asr_strict"]["worst_case"]["train"]["rate"] == 0.25
     assert results["curves"]["a"]["train"][1]["rate"] == 0.25 and "b" not in results["curves"]
 
 

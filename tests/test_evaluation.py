@@ -162,7 +162,7 @@ evaluation:
     results = json.loads(open(os.path.join(log_dir, "eval_results.json")).read())
     assert set(results["asr"]) == {"direct", "latent", "worst_case"}
     assert set(results["asr"]["worst_case"]) == {"train", "format_b"}  # where more than one attack ran
-    assert set(results["asr_strict"]) == {"direct", "latent"}
+    assert set(results["asr_strict"]) == {"direct", "latent", "worst_case"}
     assert list(results["curves"]["latent"]["train"]) == ["2"]  # the budget axis: its steps
     assert os.path.getsize(os.path.join(log_dir, "eval_curves.png")) > 0
     assert set(results["asr"]["direct"]) == {"train", "heldout_synonym", "heldout_concept", "format_b", "format_c",
