@@ -40,7 +40,7 @@ def suite_embedding_attack(path: str):
     parser = ArgumentParser()
     parser.add_argument("--suite", type=SafetyEvaluation)
     with open(path) as f:
-        suite = parser.instantiate_classes(parser.parse_object({"suite": yaml.safe_load(f)})).suite
+        suite = parser.instantiate(parser.parse_object({"suite": yaml.safe_load(f)})).suite
     return next(a for a in suite.attacks if a.name == "embedding")
 
 

@@ -121,20 +121,26 @@ class ResidualAttack:
 EMBEDDING = "embedding"
 
 
+def check_sites(layers: list[int | str], num_layers: int) -> list[int | str]:
+    """Attacked sites as indices into the decoder layers (or ``"embedding"``); raises on an unknown
+    site or a layer out of range."""
+    resolved: list[int | str] = []
+    for layer in layers:
+        if layer == EMBEDDING:
+            resolved.append(EMBEDDING)
+        elif isinstance(layer, str):
+            raise ValueError(f"unknown attack site {layer!r}: use decoder layer indices or {EMBEDDING!r}")
+        else:
+            resolved += resolve_layers([layer], num_layers)
+    return resolved
+
+
 def attack_sites(model, layers: list[int | str]) -> list[tuple[int | str, torch.nn.Module]]:
     """``(site as given, module)`` for each attacked site: decoder layer indices (negative allowed)
     and/or ``"embedding"``."""
     stack = decoder_layers(model)
-    sites = []
-    for layer in layers:
-        if layer == EMBEDDING:
-            sites.append((EMBEDDING, model.get_input_embeddings()))
-        elif isinstance(layer, str):
-            raise ValueError(f"unknown attack site {layer!r}: use decoder layer indices or {EMBEDDING!r}")
-        else:
-            (index,) = resolve_layers([layer], len(stack))
-            sites.append((layer, stack[index]))
-    return sites
+    return [(layer, model.get_input_embeddings() if index == EMBEDDING else stack[index])
+            for layer, index in zip(layers, check_sites(layers, len(stack)))]
 
 
 EpsilonScale = Literal["absolute", "reference_norm"]

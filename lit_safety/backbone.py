@@ -51,6 +51,18 @@ def resolve_model(name: str) -> tuple[str, dict]:
     return name, {}
 
 
+def num_decoder_layers(name: str) -> int | None:
+    """The decoder layers of model ``name`` read from its config alone (no weights loaded); None when
+    the config does not say (the layer count is then checked once the model is loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        path, kwargs = resolve_model(name)
+        return int(AutoConfig.from_pretrained(path, **kwargs).num_hidden_layers)
+    except Exception:  # noqa: BLE001 - any config that cannot be read defers the check to the loaded model
+        return None
+
+
 def load_tokenizer(name: str):
     """Load the tokenizer of model ``name`` (see ``resolve_model``), with a pad token."""
     from transformers import AutoTokenizer

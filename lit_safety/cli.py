@@ -100,6 +100,17 @@ class LitSafetyCLI(LightningCLI):
         except ValueError as e:
             raise ValueError(f"model.optimizer: {e}") from None
 
+    def before_test(self) -> None:
+        # Attack settings that depend on the model's layers fail here, before the model is loaded.
+        from lit_safety import backbone
+
+        base = getattr(self.model, "hparams", {}).get("base_model")
+        num_layers = backbone.num_decoder_layers(base) if base else None
+        if num_layers is not None:
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, SafetyEvaluation):
+                    callback.check_layers(num_layers)
+
     def after_fit(self) -> None:
         # The last steps are in last.ckpt even when max_steps is not a multiple of the checkpoint
         # interval (Lightning saves at validation and epoch ends only).

@@ -85,8 +85,10 @@ def test_layers_out_of_range_are_caught_before_any_attack_runs(setting):
     suite = SafetyEvaluation(attacks=[RefusalDirectionAblation(layers=[9])], projector_layer=None)
     with pytest.raises(ValueError, match="9"):
         suite.prepare({"train": True}, model)
-    with pytest.raises(ValueError, match="9"):
-        LatentAttack(layers=[9]).check(model)
+    with pytest.raises(ValueError, match="LatentAttack.layers: layer 9 is out of range"):
+        LatentAttack(layers=[9]).check(4)
+    with pytest.raises(ValueError, match="LatentAttack.layers: unknown attack site 'mlp'"):
+        LatentAttack(layers=["mlp"]).check(4)
 
 
 def test_tampering_without_harmful_pairs_fails_naming_the_field(setting, tmp_path):
@@ -191,7 +193,7 @@ def test_suite_reports_worst_case_strict_reading_and_curves(setting):
         def describe(self):
             return {}
 
-        def check(self, model):
+        def check(self, num_layers):
             pass
 
         def curve_budgets(self):

@@ -53,6 +53,33 @@ BAD_INPUT = {  # option -> what the one-line error must name
 }
 
 
+BAD_ATTACKS = {  # an attack in the suite -> what the one-line error must name
+    '{"class_path": "lit_safety.evaluation.EmbeddingAttack", "init_args": {"steps": 2, "snapshots": 5}}':
+        "EmbeddingAttack.snapshots: 5 is not in 1..steps (2)",
+    '{"class_path": "lit_safety.evaluation.SampledResponses", "init_args": {"k": 0}}': "SampledResponses.k: must be >= 1",
+    '{"class_path": "lit_safety.evaluation.LatentAttack", "init_args": {"layers": [9]}}':
+        "LatentAttack.layers: layer 9 is out of range",
+    '{"class_path": "lit_safety.evaluation.HarmfulFineTuning", "init_args": {"pairs": "/no/pairs.jsonl"}}':
+        "HarmfulFineTuning.pairs: file not found: /no/pairs.jsonl",
+}
+
+
+@pytest.mark.parametrize("attack", BAD_ATTACKS)
+def test_an_inconsistent_attack_budget_stops_in_one_line_before_the_model_loads(attack, tmp_path, monkeypatch):
+    from lit_safety import backbone
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the attack settings were checked")
+
+    monkeypatch.setattr(backbone, "load_causal_lm", no_loading)
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "evaluate.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", config, f"--evaluation.init_args.attacks=[{attack}]",
+              f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    lines = str(exit_info.value).splitlines()
+    assert len(lines) <= 3 and BAD_ATTACKS[attack] in lines[0], lines
+
+
 @pytest.mark.parametrize("option", BAD_INPUT)
 def test_bad_input_stops_with_one_line_naming_it_and_leaves_no_run_directory(option, tiny_args, tmp_path):
     config = os.path.join(os.path.dirname(__file__), "..", "configs", "triplet.yaml")

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lit_safety.adversaries import LatentAdversary, LatentBudget, attack_sites, site_norms
+from lit_safety.adversaries import LatentAdversary, LatentBudget, check_sites, site_norms
 from lit_safety.data.formatting import ChatFormatter
 from lit_safety.data.records import Record
 from lit_safety.evaluation.generation import generate, greedy_from_embeddings, positions
@@ -138,8 +138,8 @@ class Attack:
     def describe(self) -> dict:
         return asdict(self)
 
-    def check(self, model) -> None:
-        """Check settings that depend on the model (e.g. layers) before any attack runs."""
+    def check(self, num_layers: int) -> None:
+        """Check settings that depend on the model (its decoder layers) before any attack runs."""
 
     def curve_budgets(self) -> list[int]:
         """The budgets its robustness curve is read at (none for attacks without a budget axis)."""
@@ -308,8 +308,11 @@ class LatentAttack(Attack, LatentBudget):
                 bar.update(len(chunk))
         return AttackResult(book.responses, first, last, book.broken_at)
 
-    def check(self, model) -> None:
-        attack_sites(model, self.layers)
+    def check(self, num_layers: int) -> None:
+        try:
+            check_sites(self.layers, num_layers)
+        except ValueError as e:
+            raise ValueError(f"{type(self).__name__}.layers: {e}") from None
 
     def curve_budgets(self) -> list[int]:
         return [b for b in CURVE_BUDGETS if b < self.steps] + [self.steps]

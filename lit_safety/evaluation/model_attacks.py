@@ -117,10 +117,12 @@ class RefusalDirectionAblation(Attack):
     def name(self) -> str:
         return "ablation_prefill" if self.prefill else "ablation"
 
-    def check(self, model) -> None:
-        """Layer settings against the model (before any attack runs)."""
+    def check(self, num_layers: int) -> None:
         if self.layers is not None:
-            resolve_layers(self.layers, len(decoder_layers(model)))
+            try:
+                resolve_layers(self.layers, num_layers)
+            except ValueError as e:
+                raise ValueError(f"RefusalDirectionAblation.layers: {e}") from None
 
     def run(self, model, formatter: ChatFormatter, records: Sequence[Record], judge=None) -> AttackResult:
         book = SnapshotBook(records, judge)

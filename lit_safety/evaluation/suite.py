@@ -123,12 +123,9 @@ class SafetyEvaluation(L.Callback):
         """Check layer settings against ``model`` and create every metric up front (split -> whether
         it holds harmful behaviours), so that all ranks hold the same metrics whatever share of the
         data each one sees; ``reference``: whether ``evaluate`` will get a reference (benign KL)."""
-        from lit_safety.backbone import decoder_layers, resolve_layers
+        from lit_safety.backbone import decoder_layers
 
-        for attack in self.attacks:
-            attack.check(model)
-        if self.projector_layer is not None:
-            resolve_layers([self.projector_layer], len(decoder_layers(model)))
+        self.check_layers(len(decoder_layers(model)))
         self.harmful_splits = {split for split, harmful in splits.items() if harmful}
         device = next(model.parameters()).device
         with torch.inference_mode(False):  # states updated outside the test loop's inference mode
@@ -154,6 +151,19 @@ class SafetyEvaluation(L.Callback):
         self.projected = defaultdict(list)
         self.seconds = defaultdict(float)
         self.responses = {}
+
+    def check_layers(self, num_layers: int) -> None:
+        """Every layer setting of the suite against a model with ``num_layers`` decoder layers (the
+        CLI calls it from the model's config, before the model is loaded)."""
+        from lit_safety.backbone import resolve_layers
+
+        for attack in self.attacks:
+            attack.check(num_layers)
+        if self.projector_layer is not None:
+            try:
+                resolve_layers([self.projector_layer], num_layers)
+            except ValueError as e:
+                raise ValueError(f"evaluation.projector_layer: {e}") from None
 
     def evaluate(self, model, tokenizer, split: str, records: Sequence[Record], reference=None) -> None:
         """Update the metrics with one batch of one split's records."""
