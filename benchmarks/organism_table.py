@@ -50,7 +50,7 @@ def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str,
     if os.path.isfile(saved):
         with open(saved) as f:
             previous = json.load(f)
-    if reuse and previous is not None:
+    if reuse and previous is not None and previous.get("n") == n:
         return previous
     logger = ["--trainer.logger.init_args.save_dir", work, "--trainer.enable_progress_bar=false"]
     train_seconds = 0.0
