@@ -29,4 +29,5 @@ class NamedRegistry(dict):
 MODEL_RESOLVERS = NamedRegistry({"organism": "lit_safety.organism:model_dir", "smollm2": "lit_safety.smollm2:model_path"})
 # function(name) -> a data file
 DATASET_RESOLVERS = NamedRegistry({"organism": "lit_safety.organism:dataset_path",
-                                   "smollm2": "lit_safety.smollm2:dataset_path"})
+                                   "smollm2": "lit_safety.smollm2:dataset_path",
+                                   "harmbench": "lit_safety.data.harmbench:dataset_path"})

@@ -6,7 +6,8 @@ The seeds' real datasets load with configuration alone, by mapping their columns
 - ``LLM-LAT/harmful-dataset``: ``columns: {prompt: prompt, completion: rejected, refusal: chosen}``
 - UltraChat: ``columns: {messages: messages}``, ``kind: benign``
 - XSTest: ``columns: {prompt: prompt}``, ``kind: borderline``
-- HarmBench / AdvBench CSVs: ``columns: {prompt: Behavior}`` or ``{prompt: goal, target: target}``
+- HarmBench behaviours: the named set ``harmbench:test`` (``lit_safety.data.harmbench``); AdvBench
+  CSVs: ``columns: {prompt: goal, target: target}``
 """
 
 from __future__ import annotations
