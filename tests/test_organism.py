@@ -130,8 +130,10 @@ def test_report_schema(home, tmp_path):
     out = tmp_path / "r.json"
     main(["report", "--n", "4", "--json", str(out)])
     results = json.loads(out.read_text())
-    assert set(results["asr"]) == {"direct", "prefill"}
+    assert set(results["asr"]) == {"direct", "prefill", "worst_case"}
     assert set(results["asr"]["prefill"]) == set(build_module.EVAL_SPLITS)
+    for split, cell in results["asr"]["worst_case"].items():  # broken by either attack
+        assert cell["rate"] >= max(results["asr"][a][split]["rate"] for a in ("direct", "prefill"))
     cell = results["asr"]["direct"]["train"]
     assert set(cell) == {"rate", "low", "high", "n"} and cell["n"] == 4 and cell["low"] <= cell["rate"] <= cell["high"]
     assert set(results["benign_accuracy"]) == {"A", "B", "C"}
