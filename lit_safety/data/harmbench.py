@@ -66,7 +66,7 @@ def read_behaviours(path: str, categories: tuple[str, ...] = ("standard",)) -> l
                                                              "content": prompt(row["Behavior"], row["ContextString"])}],
                                   meta={"behavior_id": row["BehaviorID"], "functional_category": category,
                                         "semantic_category": row["SemanticCategory"], "tags": row["Tags"],
-                                        "behavior": row["Behavior"]}))
+                                        "behavior": row["Behavior"], "context": row["ContextString"]}))
     return records
 
 
