@@ -27,17 +27,22 @@ from lit_safety.evaluation.suffix import Layout, layout, split_prompt
 from lit_safety.losses import token_logprobs
 
 
-def target_nll(model, embeddings: Tensor, lay: Layout, with_match: bool = False):
-    """Mean NLL of each row's target tokens, shape [B]; with ``with_match`` also whether every target
-    token is the greedy (argmax) prediction, shape [B]."""
-    mask = lay.attention_mask.long()
-    logits = model(inputs_embeds=embeddings, attention_mask=mask, position_ids=positions(mask)).logits
-    target = lay.target_mask[:, 1:]
-    nll = -(token_logprobs(logits, lay.ids) * target).sum(-1) / target.sum(-1).clamp_min(1)
+def target_scores(logits: Tensor, ids: Tensor, target_mask: Tensor, with_match: bool = False):
+    """Mean NLL of each row's target tokens (``target_mask`` marks them in ``ids``), shape [B]; with
+    ``with_match`` also whether every target token is the greedy (argmax) prediction, shape [B]."""
+    target = target_mask[:, 1:]
+    nll = -(token_logprobs(logits, ids) * target).sum(-1) / target.sum(-1).clamp_min(1)
     if not with_match:
         return nll
-    hits = (logits[:, :-1].argmax(-1) == lay.ids[:, 1:]) | ~target
+    hits = (logits[:, :-1].argmax(-1) == ids[:, 1:]) | ~target
     return nll, hits.all(-1)
+
+
+def target_nll(model, embeddings: Tensor, lay: Layout, with_match: bool = False):
+    """``target_scores`` of the model on a suffix-attack layout given its input embeddings."""
+    mask = lay.attention_mask.long()
+    logits = model(inputs_embeds=embeddings, attention_mask=mask, position_ids=positions(mask)).logits
+    return target_scores(logits, lay.ids, lay.target_mask, with_match)
 
 
 TargetField = Literal["answer", "target"]

@@ -28,11 +28,11 @@ from lit_safety.evaluation.attacks import (
     require,
     snapshot_steps,
     target_nll,
+    target_scores,
     token_ids,
 )
 from lit_safety.evaluation.generation import greedy_from_embeddings, positions
 from lit_safety.evaluation.suffix import Layout, Parts, Rest, layout, rest_layout, split_prompt, split_request
-from lit_safety.losses import token_logprobs
 
 
 @dataclass
@@ -358,12 +358,7 @@ class PrefixCache:
         position_ids = self.length[rows, None] + rest.attention_mask.long().cumsum(-1) - 1
         logits = model(inputs_embeds=embeddings, attention_mask=attention, position_ids=position_ids, cache=cache,
                        use_cache=True).logits
-        target = rest.target_mask[:, 1:]
-        nll = -(token_logprobs(logits, rest.ids) * target).sum(-1) / target.sum(-1).clamp_min(1)
-        if not with_match:
-            return nll
-        hits = (logits[:, :-1].argmax(-1) == rest.ids[:, 1:]) | ~target
-        return nll, hits.all(-1)
+        return target_scores(logits, rest.ids, rest.target_mask, with_match)
 
 
 @dataclass
