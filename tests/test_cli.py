@@ -279,3 +279,13 @@ def test_a_class_name_beside_a_shipped_fragment_stays_a_class_name(tmp_path, mon
     cli = main(["--config", "run.yaml"], run=False)
     assert any(isinstance(cb, SafetyEvaluation) for cb in cli.trainer.callbacks)
     assert cli.datamodule.streams["harmful"].sources == ["smollm2:harmful_train"]
+
+
+def test_smollm2_harmbench_fragment_stacks_on_a_smollm2_config():
+    shipped = os.path.join(os.path.dirname(__file__), "..", "configs", "smollm2")
+    cli = main(["--config", os.path.join(shipped, "evaluate.yaml"), "--config",
+                os.path.join(shipped, "harmbench.yaml")], run=False)
+    assert cli.datamodule.test_splits == {"harmbench": ["harmbench:test"], "overrefusal": ["overrefusal:all"]}
+    suite = next(cb for cb in cli.trainer.callbacks if isinstance(cb, SafetyEvaluation))
+    assert suite.judge_name == "refusal_offline" and [a.name for a in suite.attacks] == ["direct", "sampled"]
+    assert suite.fidelity is None and cli.model.hparams.base_model == "smollm2"
