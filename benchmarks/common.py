@@ -48,5 +48,5 @@ def spread_cell(summary: dict | None) -> str:
     """A mean over seeds with its (min-max) spread when the seeds differ; — where nothing ran."""
     if summary is None:
         return "—"
-    detail = f" ({summary['min']:.2f}-{summary['max']:.2f})" if len(summary["values"]) > 1 else ""
+    detail = f" ({summary['min']:.2f}-{summary['max']:.2f})" if summary["min"] != summary["max"] else ""
     return f"{summary['mean']:.2f}{detail}"

@@ -43,6 +43,14 @@ def result_path(work: str, name: str, seed: int) -> str:
     return os.path.join(work, f"{name}_seed{seed}_result.json")
 
 
+def reusable(path: str, n: int) -> bool:
+    """Whether ``path`` holds a finished result measured with ``n`` behaviours per split."""
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("n") == n
+
+
 def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str, reuse: bool = False,
                     threads: int | None = None, extra: tuple[str, ...] = (), keep_checkpoints: bool = False) -> dict:
     saved = result_path(work, name, seed)
@@ -50,7 +58,7 @@ def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str,
     if os.path.isfile(saved):
         with open(saved) as f:
             previous = json.load(f)
-    if reuse and previous is not None and previous.get("n") == n:
+    if reuse and reusable(saved, n):
         return previous
     logger = ["--trainer.logger.init_args.save_dir", work, "--trainer.enable_progress_bar=false"]
     train_seconds = 0.0
@@ -242,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     order = sorted(args.methods, key=lambda m: METHODS[m] is None)
     for seed in range(args.seeds):
         wall = os.path.join(args.work, f"seed{seed}_wall.json")
-        reused = [m for m in args.methods if args.reuse and os.path.isfile(result_path(args.work, m, seed))]
+        reused = [m for m in args.methods if args.reuse and reusable(result_path(args.work, m, seed), args.n)]
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             futures = {m: pool.submit(evaluate_method, m, METHODS[m], seed, args.n, args.work, args.reuse, threads,
