@@ -29,14 +29,15 @@ def output_tensor(output) -> Tensor:
 
 def adam_descent(
     parameters: list[Tensor], loss_fn: Callable[[], Tensor], steps: int, lr: float,
-    after_step: Callable[[], None] | None = None,
+    after_step: Callable[[], None] | None = None, stop: Callable[[int], bool] | None = None,
 ) -> list[float]:
     """Adam on ``parameters`` for ``steps`` steps minimising ``loss_fn()``; returns every step's loss.
 
     Gradients come from ``torch.autograd.grad`` w.r.t. ``parameters`` only, so nothing accumulates
     in any model parameter's ``.grad``. A step whose loss or gradient is not finite is dropped (its
     loss is reported as NaN, see ``dropped``): one bad inner step must not poison the perturbation,
-    and through it the model update.
+    and through it the model update. ``stop(k)``, called after every step k that was taken, ends the
+    descent early when it returns True.
     """
     optimizer = torch.optim.Adam(parameters, lr=lr)
     losses = []
@@ -53,6 +54,8 @@ def adam_descent(
         if after_step is not None:
             after_step()
         losses.append(loss.item())
+        if stop is not None and stop(len(losses)):
+            break
     return losses
 
 
@@ -269,7 +272,8 @@ class LatentAdversary:
             for handle in handles:
                 handle.remove()
 
-    def optimise(self, loss_fn: Callable[[], Tensor], steps: int, lr: float) -> list[float]:
+    def optimise(self, loss_fn: Callable[[], Tensor], steps: int, lr: float,
+                 stop: Callable[[int], bool] | None = None) -> list[float]:
         """Adam on the perturbations minimising ``loss_fn()`` (run inside ``attached``), projecting
         after every step; gradients come from ``torch.autograd.grad`` and reach nothing else.
 
@@ -277,4 +281,4 @@ class LatentAdversary:
         moves a token by about lr * epsilon whatever the width D of the model.
         """
         width = next(iter(self.units.values())).shape[-1]
-        return adam_descent(self.parameters(), loss_fn, steps, lr / width**0.5, after_step=self.project)
+        return adam_descent(self.parameters(), loss_fn, steps, lr / width**0.5, after_step=self.project, stop=stop)

@@ -115,6 +115,15 @@ def require(condition: bool, attack: str, field: str, message: str) -> None:
         raise ValueError(f"{attack}.{field}: {message}")
 
 
+def check_schedule(attack: str, steps: int, snapshots: int, target_field: str, batch_size: int) -> None:
+    """The checks every stepped attack with judged snapshots shares."""
+    require(steps >= 1, attack, "steps", f"must be >= 1, got {steps}")
+    require(1 <= snapshots <= steps, attack, "snapshots", f"{snapshots} is not in 1..steps ({steps})")
+    require(target_field in TARGET_FIELDS, attack, "target_field",
+            f"{target_field!r} is not one of {', '.join(TARGET_FIELDS)}")
+    require(batch_size >= 1, attack, "batch_size", f"must be >= 1, got {batch_size}")
+
+
 @dataclass
 class AttackResult:
     """What an attack returns: one response per behaviour; for gradient attacks the mean target loss
@@ -271,12 +280,7 @@ class LatentAttack(Attack, LatentBudget):
 
     def __post_init__(self) -> None:
         LatentBudget.__post_init__(self)
-        name = type(self).__name__
-        require(self.target_field in TARGET_FIELDS, name, "target_field",
-                f"{self.target_field!r} is not one of {', '.join(TARGET_FIELDS)}")
-        require(self.steps >= 1, name, "steps", f"must be >= 1, got {self.steps}")
-        require(1 <= self.snapshots <= self.steps, name, "snapshots", f"{self.snapshots} is not in 1..steps ({self.steps})")
-        require(self.batch_size >= 1, name, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check_schedule(type(self).__name__, self.steps, self.snapshots, self.target_field, self.batch_size)
 
     def run(self, model, formatter: ChatFormatter, records: Sequence[Record], judge=None) -> AttackResult:
         book = SnapshotBook(records, judge)
@@ -292,24 +296,23 @@ class LatentAttack(Attack, LatentBudget):
                 norms = site_norms(model, self.layers, lay.prompt_ids, lay.prompt_attention, lay.prompt_attention)
                 adversary = LatentAdversary(model, self.layers, prompt_mask, self.radii(norms))
                 embeddings = embed(lay.ids).detach()
-                width = embeddings.shape[-1]
-                optimizer = torch.optim.Adam(adversary.parameters(), lr=self.lr / width**0.5)
-                for k in range(1, self.steps + 1):
+                means: list[float] = []
+
+                def loss_fn():
                     active = ~book.broken[rows]
-                    if not active.any():
-                        break
                     with adversary.attached():
-                        loss = target_nll(model, embeddings, lay)
-                    first = loss[active].mean().item() if first is None else first
-                    last = loss[active].mean().item()
-                    grads = torch.autograd.grad(loss[active].sum(), adversary.parameters())
-                    for p, g in zip(adversary.parameters(), grads):
-                        p.grad = torch.nan_to_num(g) * active[:, None, None]
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    adversary.project()
+                        loss = target_nll(model, embeddings, lay)[active]
+                    means.append(loss.mean().item())
+                    return loss.sum()
+
+                def stop(k: int) -> bool:
                     if k in checkpoints:
-                        self._snapshot(model, formatter, adversary, embeddings, lay, rows, active, book, k)
+                        self._snapshot(model, formatter, adversary, embeddings, lay, rows, ~book.broken[rows], book, k)
+                    return bool(book.broken[rows].all())
+
+                adversary.optimise(loss_fn, self.steps, self.lr, stop=stop)
+                first = means[0] if first is None else first
+                last = means[-1]
                 bar.update(len(chunk))
         return AttackResult(book.responses, first, last, book.broken_at)
 

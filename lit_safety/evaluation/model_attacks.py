@@ -16,7 +16,7 @@ from lit_safety.data.formatting import ChatFormatter, collate
 from lit_safety.data.records import Record
 from lit_safety.evaluation.attacks import Attack, AttackResult, SnapshotBook, attacking, chunks, require
 from lit_safety.evaluation.generation import generate, left_pad, prompt_ids
-from lit_safety.losses import token_logprobs
+from lit_safety.losses import toward
 
 
 def _records(source: str, kind: str, n: int, attack: str, field_name: str, need_completion: bool = False) -> list[Record]:
@@ -200,9 +200,8 @@ class HarmfulFineTuning(Attack):
                     encoded = collate([formatter.encode_record(r, r.completion) for r in batch],
                                       formatter.tokenizer.pad_token_id)
                     ids, mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
-                    answer = encoded["completion_mask"].to(device)[:, 1:].float()
                     logits = model(input_ids=ids, attention_mask=mask).logits
-                    loss = -(token_logprobs(logits, ids) * answer).sum() / answer.sum().clamp_min(1)
+                    loss = toward(logits, ids, encoded["completion_mask"].to(device))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

@@ -15,13 +15,13 @@ from lit_safety.data.formatting import ChatFormatter
 from lit_safety.data.records import Record
 from lit_safety.evaluation.attacks import (
     CURVE_BUDGETS,
-    TARGET_FIELDS,
     Attack,
     AttackResult,
     SnapshotBook,
     TargetField,
     allowed_tokens,
     attacking,
+    check_schedule,
     chunks,
     decode,
     objective,
@@ -70,12 +70,8 @@ class GradientAttack(Attack):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        require(self.steps >= 1, name, "steps", f"must be >= 1, got {self.steps}")
+        check_schedule(name, self.steps, self.snapshots, self.target_field, self.batch_size)
         require(self.restarts >= 1, name, "restarts", f"must be >= 1, got {self.restarts}")
-        require(1 <= self.snapshots <= self.steps, name, "snapshots", f"{self.snapshots} is not in 1..steps ({self.steps})")
-        require(self.target_field in TARGET_FIELDS, name, "target_field",
-                f"{self.target_field!r} is not one of {', '.join(TARGET_FIELDS)}")
-        require(self.batch_size >= 1, name, "batch_size", f"must be >= 1, got {self.batch_size}")
         require(self.max_new_tokens >= 1, name, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
 
     def prepare(self, model, formatter: ChatFormatter) -> dict:
