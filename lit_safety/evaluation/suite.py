@@ -99,6 +99,7 @@ class SafetyEvaluation(L.Callback):
         self.fidelity = FidelityMeasures(fidelity_tokens) if fidelity else None
         self.keep_responses = keep_responses
         self.merge_adapters = merge_adapters
+        self._merged = None  # the merged copy, made once per prepare() (the model does not change in between)
         self.responses: dict[str, dict[str, list[str]]] = {}
         # "attack|split", "strict/attack|split", "worst_case|split" -> VerdictRates; "curve/attack|split" ->
         # BudgetCurve; "kl|split" -> MeanMetric
@@ -151,6 +152,7 @@ class SafetyEvaluation(L.Callback):
         self.projected = defaultdict(list)
         self.seconds = defaultdict(float)
         self.responses = {}
+        self._merged = None
 
     def check_layers(self, num_layers: int) -> None:
         """Every layer setting of the suite against a model with ``num_layers`` decoder layers (the
@@ -172,14 +174,9 @@ class SafetyEvaluation(L.Callback):
         other = [r for r in records if r.kind != "harmful"]
         worst = [[] for _ in harmful]  # every attack's verdict per behaviour
         worst_strict = [[] for _ in harmful]
-        merged = None
         for attack in self._attacks_for(split) if harmful else []:
             start = time.perf_counter()
-            attacked = model
-            if self.merge_adapters and not attack.needs_adapters and hasattr(model, "merge_and_unload"):
-                merged = merged if merged is not None else copy.deepcopy(model).merge_and_unload().eval()
-                attacked = merged
-            result = attack.run(attacked, formatter, harmful, self.judge)
+            result = attack.run(self._attacked(model, attack), formatter, harmful, self.judge)
             responses = result.responses
             self.seconds[attack.name] += time.perf_counter() - start
             verdicts = [self.judge(r, response) for r, response in zip(harmful, responses)]
@@ -212,6 +209,14 @@ class SafetyEvaluation(L.Callback):
                 self.fidelity.update_benign(model, formatter, split, other)
         if self.projector_layer is not None:
             self._project(model, formatter, records)
+
+    def _attacked(self, model, attack: Attack):
+        """The model ``attack`` runs on: with ``merge_adapters``, a merged copy made once per prepare()."""
+        if not self.merge_adapters or attack.needs_adapters or not hasattr(model, "merge_and_unload"):
+            return model
+        if self._merged is None:
+            self._merged = copy.deepcopy(model).merge_and_unload().eval()
+        return self._merged
 
     def _keep(self, attack: str, split: str, responses: Sequence[str]) -> None:
         kept = self.responses.setdefault(attack, {}).setdefault(split, [])
@@ -262,6 +267,7 @@ class SafetyEvaluation(L.Callback):
             out.update(self.fidelity.results())
         if self.keep_responses:
             out["responses"] = self.responses
+        self._merged = None  # one copy of the weights less once the results are in
         if self.judge_name == "refusal_prefix":
             out["judge"] = "refusal_prefix (PROXY: counts every non-refusal as success)"
         return out
