@@ -20,6 +20,7 @@ from lit_safety.evaluation import (
 )
 from lit_safety.evaluation.attacks import target_nll
 from lit_safety.evaluation.suffix import layout, split_prompt
+from lit_safety.evaluation.suffix_attacks import PrefixCache
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +110,9 @@ def test_gcg_lowers_the_loss_and_never_proposes_special_tokens(setting):
 
     start = loss(suffixes)
     generator = torch.Generator().manual_seed(0)
+    prefix = PrefixCache(model, parts, tokenizer.pad_token_id)
     for _ in range(6):
-        suffixes = attack._step(model, tokenizer, parts, suffixes, allowed, generator)
+        suffixes = attack._step(model, tokenizer, parts, suffixes, allowed, generator, prefix, torch.arange(len(parts)))
         assert not set(suffixes.flatten().tolist()) & set(tokenizer.all_special_ids)
     assert loss(suffixes) < start
     responses = attack.run(model, formatter, records[:2], ExactJudge()).responses

@@ -108,7 +108,7 @@ being it its this that these those you your me my i we our they them their he sh
 when where can could would should will shall may might must do does did have has had not no yes so than then there
 here some any all each every more most other such only own same very just also give tell write make create explain
 describe provide list generate offer share suggest help please detailed step steps instructions guide way ways
-simple some""".split())
+simple""".split())
 
 
 def content_words(text: str) -> set[str]:

@@ -26,33 +26,49 @@ class Parts:
     target: list[int]
 
 
+def _ids(formatter: ChatFormatter, text: str) -> list[int]:
+    return formatter.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _target_ids(formatter: ChatFormatter, target: str) -> list[int]:
+    return _ids(formatter, " " + target) if target else []
+
+
+def _bos(formatter: ChatFormatter) -> list[int]:
+    """What precedes a raw-format prompt, which has no template."""
+    bos = formatter.tokenizer.bos_token_id
+    return [bos] if bos is not None else []
+
+
+def _around(formatter: ChatFormatter, record: Record, content: str) -> tuple[str, str]:
+    """The chat prompt's text before and after the slot marker, the last user turn's content being
+    ``content`` (which holds the marker once)."""
+    messages = [dict(m) for m in record.messages]
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    messages[last_user]["content"] = content
+    text_before, text_after = formatter.prompt_text(messages).split(SENTINEL)
+    return text_before, text_after
+
+
 def split_prompt(formatter: ChatFormatter, record: Record, target: str) -> Parts:
     """Token ids around the suffix slot of ``record``'s prompt, and of the target string."""
-    ids = lambda text: formatter.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     if record.meta.get("format") == "raw":
-        bos = formatter.tokenizer.bos_token_id
-        before, after = ([bos] if bos is not None else []) + ids(record.prompt), []
+        before, after = _bos(formatter) + _ids(formatter, record.prompt), []
     else:
-        messages = [dict(m) for m in record.messages]
-        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-        messages[last_user]["content"] += " " + SENTINEL
-        text_before, text_after = formatter.prompt_text(messages).split(SENTINEL)
-        before, after = ids(text_before.rstrip(" ")), ids(text_after)
-    return Parts(before, after, ids(" " + target) if target else [])
+        text_before, text_after = _around(formatter, record, record.prompt + " " + SENTINEL)
+        before, after = _ids(formatter, text_before.rstrip(" ")), _ids(formatter, text_after)
+    return Parts(before, after, _target_ids(formatter, target))
 
 
 def split_request(formatter: ChatFormatter, record: Record, target: str) -> tuple[Parts, list[int]]:
     """The prompt of ``record`` as (template around the request, the request's own token ids): the
     request takes the suffix slot, for attacks that perturb the request itself."""
-    ids = lambda text: formatter.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     if record.meta.get("format") == "raw":
-        bos = formatter.tokenizer.bos_token_id
-        return Parts([bos] if bos is not None else [], [], ids(" " + target) if target else []), ids(record.prompt)
-    messages = [dict(m) for m in record.messages]
-    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-    request, messages[last_user]["content"] = messages[last_user]["content"], SENTINEL
-    text_before, text_after = formatter.prompt_text(messages).split(SENTINEL)
-    return Parts(ids(text_before), ids(text_after), ids(" " + target) if target else []), ids(request)
+        before, after = _bos(formatter), []
+    else:
+        text_before, text_after = _around(formatter, record, SENTINEL)
+        before, after = _ids(formatter, text_before), _ids(formatter, text_after)
+    return Parts(before, after, _target_ids(formatter, target)), _ids(formatter, record.prompt)
 
 
 @dataclass

@@ -419,12 +419,10 @@ class GCGAttack(SuffixAttack):
                 "suffixes": state["suffixes"][keep], "prefix": state["prefix"].select(keep)}
 
     def _step(self, model, tokenizer, parts: list[Parts], suffixes: Tensor, allowed: Tensor, generator,
-              prefix: PrefixCache | None = None, prefix_rows: Tensor | None = None) -> Tensor:
+              prefix: PrefixCache, prefix_rows: Tensor) -> Tensor:
+        """New suffixes for the behaviours ``parts``, whose prompts are rows ``prefix_rows`` of ``prefix``."""
         embed = model.get_input_embeddings()
         rows, length = suffixes.shape
-        if prefix is None:
-            prefix = PrefixCache(model, parts, tokenizer.pad_token_id)
-            prefix_rows = torch.arange(rows)
         rest = rest_layout(parts, suffixes.tolist(), tokenizer.pad_token_id)
         one_hot = torch.nn.functional.one_hot(suffixes, embed.weight.shape[0]).to(embed.weight.dtype).requires_grad_(True)
         embeddings = embed(rest.ids).detach().masked_scatter(rest.suffix_mask[..., None], one_hot @ embed.weight)
