@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import os
 import sys
@@ -38,10 +37,14 @@ def labelled_rows(directory: str | None = None) -> dict[str, list[dict]]:
     """Set name -> rows with ``not_complied`` (the human label) from PyRIT's ``scorer_evals``
     directory (comment lines starting with # skipped)."""
     if directory is None:
-        spec = importlib.util.find_spec("pyrit")
-        if spec is None or not spec.submodule_search_locations:
-            raise SystemExit("the human labels are PyRIT's: pip install --no-deps pyrit")
-        directory = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "scorer_evals")
+        from lit_safety.data.packaged import package_dir
+        from lit_safety.data.records import DataError
+
+        try:
+            directory = os.path.join(package_dir("pyrit", "pip install --no-deps pyrit", "PyRIT's human labels"),
+                                     "datasets", "scorer_evals")
+        except DataError as e:
+            raise SystemExit(str(e)) from None
     refusal = [row for file in ("refusal.csv", "refusal_extra.csv")
                for row in _read(os.path.join(directory, "refusal_scorer", file), positive="1")]
     objective_dir = os.path.join(directory, "objective")

@@ -11,11 +11,9 @@ behaviours are excluded unless named (their judge is a hash match this library d
 from __future__ import annotations
 
 import csv
-import hashlib
-import importlib.util
-import json
 import os
 
+from lit_safety.data.packaged import cached_records, package_dir
 from lit_safety.data.records import DataError, Record
 
 COLUMNS = ("Behavior", "FunctionalCategory", "SemanticCategory", "Tags", "ContextString", "BehaviorID")
@@ -28,10 +26,8 @@ def packaged_csv(split: str) -> str:
     package is absent."""
     if split not in ("val", "test"):
         raise DataError(f"harmbench: unknown split {split!r}; expected val, test or a CSV path")
-    spec = importlib.util.find_spec(PACKAGE)  # locates the package without running it
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"harmbench:{split}: the HarmBench behaviours are not installed; run `{INSTALL}`")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "data", f"harmbench_behaviors_text_{split}.csv")
+    path = os.path.join(package_dir(PACKAGE, INSTALL, f"harmbench:{split}: the HarmBench behaviours"), "data",
+                        f"harmbench_behaviors_text_{split}.csv")
     if not os.path.isfile(path):
         raise DataError(f"harmbench:{split}: {path} is missing from the installed package; reinstall with `{INSTALL}`")
     return path
@@ -73,19 +69,10 @@ def read_behaviours(path: str, categories: tuple[str, ...] = ("standard",)) -> l
 def dataset_path(name: str) -> str:
     """Resolve ``harmbench:NAME`` (``val``, ``test``, a CSV path; ``:cat1,cat2`` selects categories) to a
     JSONL file of records in the cache (rewritten when the CSV or the selection changes)."""
-    from lit_safety import cache
-    from lit_safety.data.loaders import write_records
-
     head, sep, tail = name.rpartition(":")
     source, selection = (head, tail) if sep and not tail.endswith(".csv") and "/" not in tail else (name, "")
     categories = tuple(selection.split(",")) if selection else ("standard",)
     path = source if source.endswith(".csv") else packaged_csv(source)
     if not os.path.isfile(path):
         raise DataError(f"harmbench: file not found: {path}")
-    with open(path, "rb") as f:
-        key = hashlib.sha256(f.read() + json.dumps(categories).encode()).hexdigest()[:12]
-    out = os.path.join(cache.home(), f"harmbench-{key}.jsonl")
-    if not os.path.isfile(out):
-        os.makedirs(cache.home(), exist_ok=True)
-        write_records(read_behaviours(path, categories), out)
-    return out
+    return cached_records("harmbench", [path], ",".join(categories), lambda: read_behaviours(path, categories))

