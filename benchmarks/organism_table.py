@@ -43,22 +43,24 @@ def result_path(work: str, name: str, seed: int) -> str:
     return os.path.join(work, f"{name}_seed{seed}_result.json")
 
 
-def reusable(path: str, n: int) -> bool:
-    """Whether ``path`` holds a finished result measured with ``n`` behaviours per split."""
+def saved_result(path: str) -> dict | None:
     if not os.path.isfile(path):
-        return False
+        return None
     with open(path) as f:
-        return json.load(f).get("n") == n
+        return json.load(f)
+
+
+def reusable(result: dict | None, n: int) -> bool:
+    """Whether a saved result is a finished one measured with ``n`` behaviours per split (a file that
+    only carries a training time is not)."""
+    return result is not None and result.get("n") == n
 
 
 def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str, reuse: bool = False,
                     threads: int | None = None, extra: tuple[str, ...] = (), keep_checkpoints: bool = False) -> dict:
     saved = result_path(work, name, seed)
-    previous = None
-    if os.path.isfile(saved):
-        with open(saved) as f:
-            previous = json.load(f)
-    if reuse and reusable(saved, n):
+    previous = saved_result(saved)
+    if reuse and reusable(previous, n):
         return previous
     logger = ["--trainer.logger.init_args.save_dir", work, "--trainer.enable_progress_bar=false"]
     train_seconds = 0.0
@@ -141,12 +143,12 @@ def markdown(table: dict, budgets: dict, seeds: int, n: int, seed_seconds: list[
                 if curve:
                     lines.append(f"| {method} | {split} | " + " | ".join(spread_cell(curve[b]) for b in points) + " |")
         lines.append("")
+    timed = [a for a in attacks if a != "worst_case"]
     lines += ["**seconds per attack** (all splits, mean over seeds)", "",
-              "| method | " + " | ".join(attacks[:-1] if attacks[-1] == "worst_case" else attacks) + " |"]
-    lines.append("|---" * (len(lines[-1].split("|")) - 2) + "|")
+              "| method | " + " | ".join(timed) + " |", "|---" * (len(timed) + 1) + "|"]
     for method, row in table.items():
         lines.append(f"| {method} | " + " | ".join(f"{row['attack_seconds'][a]['mean']:.0f}" if a in row["attack_seconds"]
-                                                   else "—" for a in attacks if a != "worst_case") + " |")
+                                                   else "—" for a in timed) + " |")
     lines.append("")
     lines += ["**capability and cost**", "",
               "| method | benign acc. A | B | C | benign KL (A) | borderline over-refusal | borderline acc. | "
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     order = sorted(args.methods, key=lambda m: METHODS[m] is None)
     for seed in range(args.seeds):
         wall = os.path.join(args.work, f"seed{seed}_wall.json")
-        reused = [m for m in args.methods if args.reuse and reusable(result_path(args.work, m, seed), args.n)]
+        reused = [m for m in args.methods if args.reuse and reusable(saved_result(result_path(args.work, m, seed)), args.n)]
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             futures = {m: pool.submit(evaluate_method, m, METHODS[m], seed, args.n, args.work, args.reuse, threads,
