@@ -29,10 +29,13 @@ def _records(source: str, kind: str, n: int, attack: str, field_name: str, need_
 
 
 def _check_source(source: str, attack: str, field_name: str) -> None:
+    """A source that names a local file must exist (named sets and hub ids are checked when loaded)."""
     import os
 
+    from lit_safety.data.loaders import FILE_FORMATS
+
     require(bool(source), attack, field_name, "a data source is needed")
-    looks_like_path = source.startswith((".", "/", "~")) or os.path.splitext(source)[1] in (".jsonl", ".json", ".csv")
+    looks_like_path = source.startswith((".", "/", "~")) or os.path.splitext(source)[1].lower() in FILE_FORMATS
     require(not looks_like_path or os.path.exists(os.path.expanduser(source)), attack, field_name,
             f"file not found: {source}")
 
