@@ -16,7 +16,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lit_safety.backbone import decoder_layers, resolve_layers
+from lit_safety.backbone import decoder_layers, hidden_size, resolve_layers
+from lit_safety.distributed import mean_across_ranks_
 
 
 def replace_output(output, new: Tensor):
@@ -30,6 +31,7 @@ def output_tensor(output) -> Tensor:
 def adam_descent(
     parameters: list[Tensor], loss_fn: Callable[[], Tensor], steps: int, lr: float,
     after_step: Callable[[], None] | None = None, stop: Callable[[int], bool] | None = None,
+    shared: bool = False,
 ) -> list[float]:
     """Adam on ``parameters`` for ``steps`` steps minimising ``loss_fn()``; returns every step's loss.
 
@@ -37,13 +39,18 @@ def adam_descent(
     in any model parameter's ``.grad``. A step whose loss or gradient is not finite is dropped (its
     loss is reported as NaN, see ``dropped``): one bad inner step must not poison the perturbation,
     and through it the model update. ``stop(k)``, called after every step k that was taken, ends the
-    descent early when it returns True.
+    descent early when it returns True. ``shared``: the parameters act on every rank's batch (a
+    miner, not a per-example perturbation): gradients are averaged across ranks, so every rank takes
+    the same step (see ``lit_safety.distributed``).
     """
     optimizer = torch.optim.Adam(parameters, lr=lr)
     losses = []
     for _ in range(steps):
         loss = loss_fn()
         grads = torch.autograd.grad(loss, parameters)
+        loss = loss.detach()
+        if shared:  # every rank then sees the same loss and gradient, and takes or drops the same step
+            loss, *grads = mean_across_ranks_([loss.clone(), *(g.contiguous() for g in grads)])
         if not (torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)):
             losses.append(float("nan"))
             continue
@@ -102,8 +109,7 @@ class ResidualAttack:
     @classmethod
     def for_model(cls, model, layer: int) -> ResidualAttack:
         reference = next(p for p in model.parameters() if p.is_floating_point())
-        hidden = model.get_input_embeddings().weight.shape[-1]
-        return cls(hidden, layer, reference.device, torch.float32)
+        return cls(hidden_size(model), layer, reference.device, torch.float32)
 
     def parameters(self) -> list[Tensor]:
         return [self.weight, self.bias]
@@ -117,8 +123,8 @@ class ResidualAttack:
 
     def train(self, loss_fn: Callable[[], Tensor], steps: int, lr: float) -> list[float]:
         """Adam on (W, b) minimising ``loss_fn()`` (which runs with the module attached); returns the
-        loss at every step. Gradients reach only W and b."""
-        return adam_descent(self.parameters(), loss_fn, steps, lr)
+        loss at every step. Gradients reach only W and b; one module serves every rank's batch."""
+        return adam_descent(self.parameters(), loss_fn, steps, lr, shared=True)
 
 
 EMBEDDING = "embedding"
@@ -191,9 +197,14 @@ def site_norms(model, sites: list[int | str], input_ids: Tensor, attention_mask:
 
     layers = [s for s in sites if s != EMBEDDING]
     resolved = dict(zip(layers, resolve_layers(layers, len(decoder_layers(model)))))
-    with capture_residuals(model, layers) as states:
-        model(input_ids=input_ids, attention_mask=attention_mask)
-    embeddings = model.get_input_embeddings()(input_ids)
+    captured = {}  # the embedding output, seen inside the forward (where sharded weights are whole)
+    handle = model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: captured.update(h=out))
+    try:
+        with capture_residuals(model, layers) as states:
+            model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        handle.remove()
+    embeddings = captured["h"]
 
     def norm(h: Tensor) -> float:
         return masked_mean(h.float().norm(dim=-1), mask).item()
@@ -227,8 +238,7 @@ class LatentAdversary:
     def __init__(self, model, sites: list[int | str], mask: Tensor, epsilon: dict | float):
         self.sites = attack_sites(model, sites)
         self.mask = mask
-        hidden = model.get_input_embeddings().weight.shape[-1]
-        shape = (*mask.shape, hidden)
+        shape = (*mask.shape, hidden_size(model))
         self.epsilon = {name: float(epsilon[name] if isinstance(epsilon, dict) else epsilon) for name, _ in self.sites}
         self.units = {name: torch.zeros(shape, device=mask.device, requires_grad=True) for name, _ in self.sites}
 

@@ -33,19 +33,23 @@ def _base_for_peft(name: str) -> str:
     return os.path.abspath(path) if os.path.isdir(path) and not kwargs else name
 
 
-def export_adapter(module, path: str, training: dict | None = None) -> str:
+def export_adapter(module, path: str, training: dict | None = None, state: dict | None = None) -> str:
     """Write ``module``'s adapters as a PEFT adapter directory with the tokenizer and a model card.
 
     ``adapter_config.json`` names a local base by its absolute path, so
     ``AutoPeftModelForCausalLM.from_pretrained(path)`` loads it offline; ``lit_safety.json`` keeps the
     base's lit_safety name (``organism``, ``smollm2``, ...), which ``load_for_evaluation`` resolves on
-    any machine. ``training``: what the card reports of the run (steps, data sources).
+    any machine. ``training``: what the card reports of the run (steps, data sources). ``state``: the
+    full adapter weights by parameter name, when the model's own are shards (``sharding``).
     """
     model, name = module.model, module.hparams.base_model
     model.peft_config[model.active_adapter].base_model_name_or_path = _base_for_peft(name)
     # Training never resizes the vocabulary, so the full embeddings need not be saved; saying so
     # also stops peft from looking the base name up on the Hub (offline: a DNS wait and a warning).
-    model.save_pretrained(path, save_embedding_layers=False)
+    if state is None:
+        model.save_pretrained(path, save_embedding_layers=False)
+    else:
+        _save_gathered_adapter(model, path, state)
     module.tokenizer.save_pretrained(path)
     card = {"base_model": name, "method": f"{type(module).__module__}.{type(module).__qualname__}",
             "settings": _plain(dict(module.hparams)), "training": training or {}}
@@ -53,6 +57,19 @@ def export_adapter(module, path: str, training: dict | None = None) -> str:
         json.dump(card, f, indent=1)
     write_model_card(path)
     return path
+
+
+def _save_gathered_adapter(model, path: str, state: dict) -> None:
+    """peft's adapter files from gathered weights. peft's own save finds adapter weights by module
+    path, which a sharding wrapper changes; the file format is the weights keyed by parameter name
+    without the adapter's name, and the adapter's config."""
+    from safetensors.torch import save_file
+
+    adapter = model.active_adapter
+    os.makedirs(path, exist_ok=True)
+    save_file({name.replace(f".{adapter}.", "."): tensor.contiguous() for name, tensor in state.items()},
+              os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    model.peft_config[adapter].save_pretrained(path)
 
 
 def _plain(value):
@@ -107,12 +124,30 @@ def export_merged(module, path: str) -> str:
     return path
 
 
+SHARDED_METADATA = "meta.pt"  # beside the shards of a sharded (FSDP2) checkpoint directory
+
+
+def _read_sharded(path: str) -> dict:
+    """A sharded checkpoint directory as one checkpoint: the metadata file and the gathered weights."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    checkpoint = torch.load(os.path.join(path, SHARDED_METADATA), map_location="cpu", weights_only=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(path, os.path.join(tmp, "full.pt"))
+        checkpoint.update(torch.load(os.path.join(tmp, "full.pt"), map_location="cpu", weights_only=False))
+    return checkpoint
+
+
 def read_checkpoint(path: str, map_location: str = "cpu") -> dict:
-    """The contents of a ``fit`` checkpoint; ``ArtifactError`` naming the file if it is not one."""
-    if not os.path.isfile(path):
+    """The contents of a ``fit`` checkpoint (a file, or a sharded checkpoint's directory);
+    ``ArtifactError`` naming the path if it is not one."""
+    sharded = os.path.isfile(os.path.join(path, SHARDED_METADATA))
+    if not os.path.isfile(path) and not sharded:
         raise ArtifactError(f"checkpoint not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        checkpoint = _read_sharded(path) if sharded else torch.load(path, map_location=map_location, weights_only=False)
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, KeyError, RuntimeError, ValueError) as e:
         raise ArtifactError(f"{path} is not a checkpoint torch can read ({type(e).__name__}: {e})") from None
     if not isinstance(checkpoint, dict) or "lit_safety_class" not in checkpoint:

@@ -18,7 +18,7 @@ from torch import nn
 from lit_safety.named import MODEL_RESOLVERS
 
 Quantization = Literal["4bit", "8bit"]
-DType = Literal["auto", "float32", "bfloat16", "float16"]
+DType = Literal["auto", "float32", "bfloat16", "float16", "float64"]  # float64: numerical checks
 
 
 class BackboneError(ValueError):
@@ -135,6 +135,11 @@ def add_lora(
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def hidden_size(model: nn.Module) -> int:
+    """Width of the residual stream (read without touching weights, which may be shards)."""
+    return model.get_input_embeddings().embedding_dim
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

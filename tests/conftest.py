@@ -74,19 +74,24 @@ def data_files(tmp_path_factory) -> dict[str, str]:
     return files
 
 
-@pytest.fixture
-def tiny_args(tiny_model_dir, data_files, tmp_path) -> list[str]:
-    """CLI overrides that point any config at the tiny model and data, logging under tmp_path."""
+def tiny_cli_args(tiny_model_dir: str, data_files: dict[str, str], root) -> list[str]:
+    """CLI overrides that point any config at the tiny model and data, logging under ``root``."""
     return [
         f"--model.base_model={tiny_model_dir}",
         f"--data.streams={json.dumps({k: {'sources': [v], 'max_prompt_length': 16, 'max_completion_length': 8} for k, v in data_files.items()})}",
         "--data.batch_size=4",
-        f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--trainer.default_root_dir={root}",
+        f"--trainer.logger.init_args.save_dir={root}",
         "--trainer.accelerator=cpu",
         "--trainer.devices=1",
         "--trainer.enable_progress_bar=false",
     ]
+
+
+@pytest.fixture
+def tiny_args(tiny_model_dir, data_files, tmp_path) -> list[str]:
+    """``tiny_cli_args`` logging under tmp_path."""
+    return tiny_cli_args(tiny_model_dir, data_files, tmp_path)
 
 
 QUICK = {"steps": 3, "snapshots": 1, "k": 2, "checkpoints": [1, 2]}

@@ -174,3 +174,21 @@ def test_registered_dataset_prefix_resolves_and_names_its_unknown_sets(tmp_path)
             load_records("mine:test")
     finally:
         del DATASET_RESOLVERS["mine"]
+
+
+def test_global_batch_size_is_shared_by_processes_and_accumulated_batches(tiny_model_dir, data_files):
+    import lightning as L
+
+    def per_device(global_batch_size, accumulate):
+        dm = SafetyDataModule({k: Stream([v], 16, 8) for k, v in data_files.items()}, global_batch_size=global_batch_size,
+                              tokenizer=tiny_model_dir)
+        dm.trainer = L.Trainer(accelerator="cpu", devices=1, accumulate_grad_batches=accumulate, logger=False)
+        dm.setup("fit")
+        return dm.batch_size, next(iter(dm.train_dataloader()))["harmful"]["completion"]["input_ids"].shape[0]
+
+    assert per_device(8, 2) == (4, 4)
+    assert per_device(6, 1) == (6, 6)
+    with pytest.raises(DataError, match="global_batch_size=7 is not a multiple of processes x accumulate_grad_batches"):
+        per_device(7, 2)
+    with pytest.raises(ValueError, match="global_batch_size must be >= 1"):
+        SafetyDataModule(global_batch_size=0)

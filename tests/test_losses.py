@@ -95,3 +95,16 @@ def test_circuit_breaker_losses_by_hand():
     ref = torch.tensor([[[2.0, 2.0], [1.0, 0.0]]])
     # token 0: cos = 1; token 1: cos = -1, clipped to 0 by the ReLU
     assert reroute_loss(aligned, ref, torch.ones(1, 2, dtype=torch.bool)).item() == pytest.approx(0.5)
+
+
+def test_global_masked_mean_is_the_masked_mean_on_one_process():
+    from lit_safety.distributed import global_masked_mean, mean_across_ranks_
+
+    x = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]], requires_grad=True)
+    mask = torch.tensor([[True, False], [True, True]])
+    mean = global_masked_mean(x, mask)
+    assert torch.allclose(mean, torch.tensor([13.0 / 3, 16.0 / 3]))  # rows 0, 2, 3 by hand
+    mean.sum().backward()
+    assert torch.allclose(x.grad[..., 0], mask.float() / 3)  # the gradient reaches the marked states only
+    t = torch.tensor([2.0])
+    assert mean_across_ranks_([t])[0] is t and t.item() == 2.0

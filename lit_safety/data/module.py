@@ -76,7 +76,11 @@ class SafetyDataModule(L.LightningDataModule):
     Args:
         streams: stream name -> sources and lengths. Defaults to the organism's ``harmful`` and
             ``benign`` (benign + borderline) streams.
-        batch_size: examples per stream per batch.
+        batch_size: examples per stream per batch, on each process.
+        global_batch_size: examples per stream per optimizer step, over every process and accumulated
+            micro-batch; when set, ``batch_size`` becomes global_batch_size / (processes x
+            ``trainer.accumulate_grad_batches``), which must be whole. A paper's batch then holds on
+            any number of GPUs.
         val_fraction: fraction of each stream held out for validation (0 disables validation).
         tokenizer: model name whose tokenizer formats the data; defaults to the model being trained.
         chat_template: a Jinja chat template (string or path) for tokenizers without one.
@@ -93,6 +97,7 @@ class SafetyDataModule(L.LightningDataModule):
         self,
         streams: dict[str, Stream] | None = None,
         batch_size: int = 8,
+        global_batch_size: int | None = None,
         val_fraction: float = 0.1,
         tokenizer: str | None = None,
         chat_template: str | None = None,
@@ -108,7 +113,10 @@ class SafetyDataModule(L.LightningDataModule):
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.streams = streams if streams is not None else default_streams()
+        if global_batch_size is not None and global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
         self.batch_size = batch_size
+        self.global_batch_size = global_batch_size
         self.val_fraction = val_fraction
         self.tokenizer_name = tokenizer
         self.chat_template = chat_template
@@ -148,12 +156,23 @@ class SafetyDataModule(L.LightningDataModule):
                             f"{type(module).__name__} needs"
                         )
 
+    def _resolve_batch_size(self) -> None:
+        if self.global_batch_size is None or self.trainer is None:
+            return
+        shares = self.trainer.world_size * self.trainer.accumulate_grad_batches
+        if self.global_batch_size % shares:
+            raise DataError(f"data.global_batch_size={self.global_batch_size} is not a multiple of processes x "
+                            f"accumulate_grad_batches = {self.trainer.world_size} x "
+                            f"{self.trainer.accumulate_grad_batches}")
+        self.batch_size = self.global_batch_size // shares
+
     def setup(self, stage: str | None = None) -> None:
         if stage == "test":
             self._setup_test()
             return
         if self.tokenizer is not None:
             return
+        self._resolve_batch_size()
         tokenizer = self._load_tokenizer()
         require_chat_template(tokenizer, self.chat_template)
         rng = random.Random(self.seed)

@@ -29,12 +29,14 @@ from functools import cached_property
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
 
-from lit_safety import artifacts, backbone
+from lit_safety import artifacts, backbone, sharding
 from lit_safety.backbone import DType, Quantization
 from lit_safety.data.batch import SafetyBatch, check_batch
+from lit_safety.distributed import mean_across_ranks_
 
 CALIBRATION_KEY = "lit_safety_calibration"
 STATE_KEY = "lit_safety_training_state"
@@ -50,7 +52,8 @@ class SafetyModule(L.LightningModule):
         lora_alpha: LoRA alpha (updates are scaled by alpha / r).
         lora_dropout: dropout on the adapter input.
         lora_target_modules: module names to adapt, or "all-linear".
-        lora_layers: decoder layers to adapt (negative allowed); None adapts all.
+        lora_layers: decoder layers to adapt (negative allowed); None adapts every layer that can
+            change the loss (all, unless the method reads no logits: see ``deepest_layer``).
         dtype: dtype of the base weights ("bfloat16" halves memory at 8B scale).
         quantization: "4bit" (NF4, QLoRA) or "8bit" base weights through bitsandbytes.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
@@ -96,15 +99,29 @@ class SafetyModule(L.LightningModule):
             return
         hp = self.hparams
         base = backbone.load_causal_lm(hp.base_model, hp.dtype, hp.quantization)
-        self.model = backbone.add_lora(
-            base, hp.lora_rank, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules, hp.lora_layers
-        )
+        layers = hp.lora_layers
+        deepest = self.deepest_layer(len(backbone.decoder_layers(base)))
+        if layers is None and deepest is not None:
+            # Adapters above it could not change the loss: they would never train, and DDP would
+            # stop on parameters without a gradient.
+            layers = list(range(deepest + 1))
+        self.model = backbone.add_lora(base, hp.lora_rank, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules, layers)
         if hp.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
         self.validate_layers(len(backbone.decoder_layers(self.model)))
         self.init_adapters()
         self.model.train()  # from_pretrained returns eval mode; LoRA dropout must be live in training
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 is applied here, by the module
+            if self.device_mesh["tensor_parallel"].size() > 1:
+                raise ValueError("ModelParallelStrategy: lit_safety shards data-parallel only (FSDP2); set "
+                                 "data_parallel_size to the number of devices and tensor_parallel_size=1")
+            sharding.fully_shard_model(self.model, self.device_mesh["data_parallel"])
+
+    def deepest_layer(self, num_layers: int) -> int | None:
+        """Hook: the deepest decoder layer whose output the loss reads, when it never reads the logits
+        (default None: it does). With ``lora_layers`` unset, only layers up to it are adapted."""
+        return None
 
     def validate_layers(self, num_layers: int) -> None:
         """Hook: check the method's layer settings against the model (raise ``BackboneError``)."""
@@ -147,7 +164,19 @@ class SafetyModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         if self.calibration is None:  # a resumed run has it from its checkpoint
-            self.calibration = {k: v.detach() for k, v in self.calibrate(self._first_training_batch()).items()}
+            measured = {k: v.detach().to(self.device) for k, v in self._in_forward("calibrate", self._first_training_batch()).items()}
+            mean_across_ranks_(list(measured.values()))  # every rank measured its own first batch
+            self.calibration = measured
+
+    @torch.no_grad()
+    def _in_forward(self, method: str, *args):
+        """``getattr(self, method)(*args)``, a measurement without gradient. Under FSDP it runs inside
+        the wrapped forward, as Lightning runs ``training_step``: only there are the root unit's
+        weights (embeddings, head) whole. (FSDP2 shards the PeftModel itself, which gathers them.)"""
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, FSDPStrategy) or strategy.model is None:
+            return getattr(self, method)(*args)
+        return strategy._forward_redirection(strategy.model, self, method, *args)
 
     def _first_training_batch(self) -> SafetyBatch:
         # A fresh loader from the data module: the training loop's own data order is left alone.
@@ -183,9 +212,17 @@ class SafetyModule(L.LightningModule):
                                "(the CLI adds the config's `evaluation`)")
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
         if grads:
-            self.log("train/grad_norm", torch.stack(grads).norm(), batch_size=1)
+            # Under sharding each rank holds a shard of every gradient (FSDP2: a DTensor's local part).
+            squares = torch.stack([getattr(g, "_local_tensor", g).detach().float().pow(2).sum() for g in grads]).sum()
+            if self._sharded():
+                torch.distributed.all_reduce(squares)
+            self.log("train/grad_norm", squares.sqrt(), batch_size=1)
+
+    def _sharded(self) -> bool:
+        return self._trainer is not None and (isinstance(self.trainer.strategy, FSDPStrategy)
+                                              or self.device_mesh is not None)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -197,14 +234,21 @@ class SafetyModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "step"}}
 
     # ----- checkpoints -----------------------------------------------------------------------------
+    def _trainable_names(self) -> set[str]:
+        return {sharding.clean_name(name) for name, p in self.named_parameters() if p.requires_grad}
+
     def state_dict(self, *args, **kwargs):
         """Only the trainable (adapter) weights: checkpoints stay megabytes at 8B scale."""
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        trainable = self._trainable_names()
         full = super().state_dict(*args, **kwargs)
         prefix = kwargs.get("prefix", "")
-        return type(full)((k, v) for k, v in full.items() if k[len(prefix) :] in trainable)
+        return type(full)((k, v) for k, v in full.items() if sharding.clean_name(k[len(prefix) :]) in trainable)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A wrapper that calls state_dict() on this module as a child (FSDP) keeps every weight.
+        trainable = self._trainable_names()
+        checkpoint["state_dict"] = type(checkpoint["state_dict"])(
+            (k, v) for k, v in checkpoint["state_dict"].items() if sharding.clean_name(k) in trainable)
         # Lets `artifacts.load_module` rebuild the right class from a checkpoint alone.
         checkpoint["lit_safety_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
         if self.calibration is not None:
@@ -226,11 +270,14 @@ class SafetyModule(L.LightningModule):
         # A PEFT adapter directory beside the logs, so every run can be evaluated or shared directly.
         # Without a logger there is no run directory (log_dir would be the working directory).
         log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
-        sharded = "FSDP" in type(self.trainer.strategy).__name__
-        if log_dir and not sharded and self.trainer.is_global_zero:
+        if not log_dir:
+            return
+        # Under sharding every rank gathers the adapters (a collective), rank 0 writes them.
+        state = sharding.full_trainable_state(self.model, self.trainer.strategy.model) if self._sharded() else None
+        if self.trainer.is_global_zero:
             datamodule = self.trainer.datamodule
             streams = getattr(datamodule, "streams", None)
             training = {"steps": self.trainer.global_step,
                         "data": {name: [str(getattr(s, "path", s)) for s in stream.sources] for name, stream in streams.items()}
                         if streams else type(datamodule).__name__}
-            artifacts.export_adapter(self, os.path.join(log_dir, "adapter"), training)
+            artifacts.export_adapter(self, os.path.join(log_dir, "adapter"), training, state)

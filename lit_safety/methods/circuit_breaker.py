@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lit_safety import backbone
 from lit_safety.losses import reroute_loss, retain_loss
 from lit_safety.methods.base import SafetyModule
 from lit_safety.representations import forward_states
@@ -44,6 +45,12 @@ class CircuitBreakerModule(SafetyModule):
             raise ValueError("init_noise must be > 0: with LoRA B = 0 the rerouting term has no gradient")
         if coefficient_scale <= 0:
             raise ValueError(f"coefficient_scale must be > 0, got {coefficient_scale}")
+
+    def deepest_layer(self, num_layers: int) -> int:
+        try:  # both terms read states only (the released code also drops the layers above)
+            return max(backbone.resolve_layers(self.hparams.layers, num_layers))
+        except backbone.BackboneError as e:
+            raise backbone.BackboneError(f"model.layers: {e}") from None
 
     def validate_layers(self, num_layers: int) -> None:
         self.resolve(self.hparams.layers, "model.layers")

@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lit_safety.backbone import hidden_size
 from lit_safety.data.batch import SafetyBatch, Sequences
 from lit_safety.losses import (
     away,
@@ -168,7 +169,7 @@ class RMU(LATObjective):
         forget = batch["harmful"]["completion"]
         with module.reference():
             norm = self._states(module.model, forget).float().norm(dim=-1)[forget["prompt_mask"]].mean()
-        hidden = module.model.get_input_embeddings().weight.shape[-1]
+        hidden = hidden_size(module.model)
         u = torch.rand(hidden, generator=torch.Generator().manual_seed(self.direction_seed))
         return {"rmu_control": self.steering * norm.cpu() * u / u.norm()}
 

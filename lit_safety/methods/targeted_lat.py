@@ -132,7 +132,12 @@ class TargetedLATModule(SafetyModule):
         out: dict[str, Tensor] = {}
         with adversary.attached():
             if self.training and self.adversary.steps > 0:
-                losses = adversary.optimise(adversary_loss, self.adversary.steps, self.adversary.lr)
+                # Each example's perturbation follows its own loss: scaled by the batch's size, the
+                # batch mean's gradient does not shrink with it (Adam's epsilon would then make the
+                # step depend on the number of examples per process).
+                examples = adversary.mask.shape[0]
+                losses = adversary.optimise(lambda: examples * adversary_loss(), self.adversary.steps, self.adversary.lr)
+                losses = [loss / examples for loss in losses]
                 out["adversary/dropped_steps"] = torch.tensor(float(dropped(losses)))
                 if finite(losses):
                     out["adversary/loss_first"] = torch.tensor(finite(losses)[0])

@@ -6,8 +6,8 @@ Per step, with h the reference states (adapters off) and h' the trained states a
 - harmful term: ReLU(d_p(h'_h, mu_h) - d_n(h'_h, h_h) + m_h)   pull harmful states together, away
   from where the reference had them,
 - KL term: T^2 KL(p_ref / T || p' / T) on benign logits;
-total = alpha L_b + beta L_h + gamma L_KL (``benign_weight``, ``harmful_weight``, ``kl_weight``), with mu_h the masked mean of the trained model's harmful
-states over the batch. Optionally, a residual attack module trained to restore harmful completions
+total = alpha L_b + beta L_h + gamma L_KL (``benign_weight``, ``harmful_weight``, ``kl_weight``), with
+mu_h the masked mean of the trained model's harmful states over the (global) batch. Optionally, a residual attack module trained to restore harmful completions
 supplies hard negatives for a fraction of the harmful examples.
 """
 
@@ -21,6 +21,7 @@ from torch import Tensor
 
 from lit_safety.adversaries import ResidualAttack, dropped, finite
 from lit_safety.backbone import BackboneError
+from lit_safety.distributed import global_masked_mean
 from lit_safety.losses import distance, kl_divergence, masked_mean, toward, triplet_loss
 from lit_safety.methods.base import SafetyModule
 from lit_safety.representations import forward_states, position_mask
@@ -170,7 +171,7 @@ class TripletDefenseModule(SafetyModule):
     def _scale(self, reference: Tensor, mask: Tensor) -> Tensor | float:
         if self.hparams.margin_scale == "absolute":
             return 1.0
-        return masked_mean(reference.float().norm(dim=-1), mask).detach()
+        return global_masked_mean(reference.detach().float().norm(dim=-1), mask)
 
     def _term(self, anchor: Tensor, positive: Tensor, negative: Tensor, reference: Tensor, mask: Tensor,
               margin: float, positive_distance: str, negative_distance: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -200,7 +201,7 @@ class TripletDefenseModule(SafetyModule):
             ref_h, _ = forward_states(self.model, harmful["input_ids"], harmful["attention_mask"], layers_h, logits=False)
         new_b, logits = forward_states(self.model, benign["input_ids"], benign["attention_mask"], layers_b, use_kl)
         new_h = self._harmful_states(harmful, sorted(set(layers_b) | set(layers_h)))
-        mu_h = {layer: masked_mean(states, mask_h) for layer, states in new_h.items()}
+        mu_h = {layer: global_masked_mean(states, mask_h) for layer, states in new_h.items()}
 
         terms: dict[str, list[Tensor]] = {k: [] for k in
                                           ("b_pos", "b_neg", "h_pos", "h_neg", "loss_benign", "loss_harmful")}
