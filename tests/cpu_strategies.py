@@ -3,12 +3,13 @@
 Two CPU-only quirks of ``FSDPStrategy``, neither on the GPU path: it passes ``device_id=None`` (a CPU
 device has no index), for which FSDP looks for an accelerator; and its full state dicts offload to
 the CPU, which on CPU tensors frees storage still in use. And one for the float64 the distributed
-tests train in: Lightning's full-precision policy casts parameters to float32, so at "32-true" no
-policy is given (FSDP keeps the parameters' dtype). ``ModelParallelStrategy`` (FSDP2) runs on CPU as
-it is.
+tests train in (so that only the order of sums separates two processes from one): at "32-true"
+Lightning's FSDP precision casts the module to float32 and gives FSDP a float32 policy; here the
+parameters keep their dtype. ``ModelParallelStrategy`` (FSDP2) runs on CPU as it is.
 """
 
 import torch
+from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.strategies.fsdp import _setup_activation_checkpointing
 from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, OptimStateKeyType, StateDictType
@@ -21,10 +22,23 @@ def _full_state(module):
                                 FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=False))
 
 
-class CPUFSDPStrategy(FSDPStrategy):
+class _OwnDtypePrecision(FSDPPrecision):
+    def convert_module(self, module):
+        return module
+
     @property
     def mixed_precision_config(self):
-        return None if self.precision_plugin.precision == "32-true" else super().mixed_precision_config
+        return None
+
+
+def _set_precision(strategy, plugin):
+    if isinstance(plugin, FSDPPrecision) and plugin.precision == "32-true":
+        plugin = _OwnDtypePrecision("32-true")
+    FSDPStrategy.precision_plugin.fset(strategy, plugin)
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    precision_plugin = property(FSDPStrategy.precision_plugin.fget, _set_precision)
 
     def _setup_model(self, model):
         model = FSDP(module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,

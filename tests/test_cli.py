@@ -289,3 +289,18 @@ def test_smollm2_harmbench_fragment_stacks_on_a_smollm2_config():
     suite = next(cb for cb in cli.trainer.callbacks if isinstance(cb, SafetyEvaluation))
     assert suite.judge_name == "refusal_offline" and [a.name for a in suite.attacks] == ["direct", "sampled"]
     assert suite.fidelity is None and cli.model.hparams.base_model == "smollm2"
+
+
+@pytest.mark.parametrize("name", ["triplet_paper", "triplet_released", "circuit_breaker", "lat_jailbreak"])
+def test_paper_recipes_run_on_one_node_or_more(name):
+    # One node as shipped; nodes.yaml stacked after it spans two, with the same global batch.
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "llama3_8b")
+    one = main(["--config", os.path.join(config, f"{name}.yaml"), "--trainer.accelerator=cpu"], run=False)
+    two = main(["--config", os.path.join(config, f"{name}.yaml"), "--config", os.path.join(config, "nodes.yaml"),
+                "--trainer.accelerator=cpu"], run=False)
+    for cli, nodes in ((one, 1), (two, 2)):
+        strategy = cli.trainer.strategy
+        assert type(strategy).__name__ == "ModelParallelStrategy" and cli.trainer.num_nodes == nodes
+        assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (8 * nodes, 1)
+        assert cli.trainer.precision == "bf16-mixed" and cli.model.hparams.gradient_checkpointing
+    assert one.datamodule.global_batch_size == two.datamodule.global_batch_size == (32 if name == "lat_jailbreak" else 16)

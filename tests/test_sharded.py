@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import tiny_cli_args
 from safetensors.torch import load_file
+from sharded_run import STRATEGIES
 
 from lit_safety.artifacts import read_checkpoint
 from lit_safety.cli import main
@@ -32,10 +33,25 @@ METHODS = {
     "circuit_breaker": [],
 }
 TOLERANCE = 1e-5  # relative, per adapter tensor
-# Where the float64 check holds: FSDPStrategy's parameters train in float32 (its wrapper casts them),
-# and a resumed FSDP or FSDP2 run does not yet end where an uninterrupted one does.
-MATCHES_ONE_PROCESS = {"ddp", "fsdp2"}
-RESUMES_EXACTLY = {"ddp"}
+
+
+
+# The paper-scale recipes as shipped (FSDP2, bf16 weights, bf16-mixed, activation checkpointing, the
+# global batch), on the tiny model: only its layers, the steps and the batch are cut to fit.
+TRIPLET_LAYERS = ["--model.layers_benign=[2, 3]", "--model.layers_harmful=[2, 3]", "--model.mining_layers=[0, 1]",
+                  "--model.mining_steps=2", "--model.mining_interval=1"]
+PAPER_SCALE = {
+    "llama3_8b/triplet_paper": TRIPLET_LAYERS,
+    "llama3_8b/triplet_released": TRIPLET_LAYERS,
+    "llama3_8b/circuit_breaker": ["--model.layers=[1, 2]"],
+    "llama3_8b/lat_jailbreak": ["--model.adversary.layers=[embedding, 1, 2]", "--model.adversary.steps=2"],
+}
+
+
+def _paper_scale_args(tiny_args, config: str, logs: str) -> list[str]:
+    args = [a for a in tiny_args if not a.startswith(("--trainer.devices", "--data.batch_size"))]
+    return ["--config", os.path.join(CONFIGS, f"{config}.yaml"), *args, *PAPER_SCALE[config], "--trainer.max_steps=1",
+            "--data.global_batch_size=8", f"--trainer.default_root_dir={logs}", f"--trainer.logger.init_args.save_dir={logs}"]
 
 
 def _args(tiny_args, method: str, logs: str, steps: int = STEPS) -> list[str]:
@@ -84,7 +100,8 @@ def _launch(strategy: str, runs: dict, out) -> None:
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp2"])
 def test_two_processes_train_like_one(strategy, tiny_args_module, single_process, tmp_path):
-    runs = {method: _args(tiny_args_module, method, str(tmp_path / f"{method}_logs")) for method in METHODS}
+    methods = [m for m in METHODS if not (strategy == "fsdp" and m == "lat")]  # refused: see the next test
+    runs = {method: _args(tiny_args_module, method, str(tmp_path / f"{method}_logs")) for method in methods}
     # Checkpoint and resume: the triplet run also checkpoints at step 2; a second run resumes there.
     every = tmp_path / "every"
     runs["triplet_adv"] += ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
@@ -92,15 +109,17 @@ def test_two_processes_train_like_one(strategy, tiny_args_module, single_process
                             f"--trainer.callbacks.dirpath={every}"]
     step2 = every / "epoch=0-step=2.ckpt"  # a file, or under FSDP2 a directory of shards
     runs["resumed"] = [*_args(tiny_args_module, "triplet_adv", str(tmp_path / "resumed_logs")), f"--ckpt_path={step2}"]
+    if strategy == "fsdp2":
+        runs.update({config: _paper_scale_args(tiny_args_module, config, str(tmp_path / "paper_logs"))
+                     for config in PAPER_SCALE})
     _launch(strategy, runs, tmp_path)
 
-    for method in METHODS:
+    for method in methods:
         ranks = [torch.load(tmp_path / method / f"rank{r}.pt") for r in (0, 1)]
         for rank in ranks:
             assert rank["reference_gap"] < 1e-5, (method, rank["reference_gap"])
             assert rank["trained_gap"] > 1e-4, method  # the adapters did change the model
-            if strategy in MATCHES_ONE_PROCESS:
-                assert _relative_gap(rank["adapters"], single_process[method]["adapters"]) < TOLERANCE, method
+            assert _relative_gap(rank["adapters"], single_process[method]["adapters"]) < TOLERANCE, method
         assert _relative_gap(ranks[0]["adapters"], ranks[1]["adapters"]) == 0.0, method
         exported = load_file(tmp_path / f"{method}_logs" / method / "version_0" / "adapter" / "adapter_model.safetensors")
         gathered = {k.replace(".default.", "."): v for k, v in ranks[0]["adapters"].items()}
@@ -110,7 +129,17 @@ def test_two_processes_train_like_one(strategy, tiny_args_module, single_process
     uninterrupted = torch.load(tmp_path / "triplet_adv" / "rank0.pt")["adapters"]
     for r in (0, 1):
         resumed = torch.load(tmp_path / "resumed" / f"rank{r}.pt")["adapters"]
-        if strategy in RESUMES_EXACTLY:
-            assert _relative_gap(resumed, uninterrupted) < TOLERANCE
+        assert _relative_gap(resumed, uninterrupted) < TOLERANCE
+    for config in PAPER_SCALE if strategy == "fsdp2" else ():
+        trained = torch.load(tmp_path / config / "rank0.pt")
+        assert trained["trained_gap"] > 0 and all(v.dtype == torch.float32 for v in trained["adapters"].values()), config
     at_step2 = {k.removeprefix("model."): v for k, v in read_checkpoint(str(step2))["state_dict"].items()}
     assert _relative_gap(at_step2, uninterrupted) > 1e-3  # the resumed run had a step to take
+
+
+def test_targeted_lat_under_fsdp_is_refused_before_training(tiny_args, tmp_path):
+    # Its inner loop's backward passes break FSDP's per-forward hook state (the update is 0.2 off).
+    config = os.path.join(CONFIGS, "lat.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", config, *tiny_args, *STRATEGIES["fsdp"], "--trainer.max_steps=1"])
+    assert "TargetedLATModule under FSDPStrategy" in str(exit_info.value).splitlines()[0]

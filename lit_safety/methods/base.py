@@ -163,7 +163,9 @@ class SafetyModule(L.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} must implement compute_losses")
 
     def on_fit_start(self) -> None:
-        if self.calibration is None:  # a resumed run has it from its checkpoint
+        # A resumed run has it from its checkpoint (FSDP2 reads checkpoints after this hook: what is
+        # measured here is then replaced by the saved calibration).
+        if self.calibration is None:
             measured = {k: v.detach().to(self.device) for k, v in self._in_forward("calibrate", self._first_training_batch()).items()}
             mean_across_ranks_(list(measured.values()))  # every rank measured its own first batch
             self.calibration = measured

@@ -128,14 +128,14 @@ class TripletDefenseModule(SafetyModule):
         self._mined_at_step = state["mined_at_step"]
         self._restored_miner = state["miner"]  # rebuilt once the model is on its device
 
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
+    def _rebuild_restored_miner(self) -> None:
+        # At the first step, not on load: a checkpoint may be read before the model reaches its device
+        # (DDP) or after fit has started (FSDP2 restores after setup).
         saved, self._restored_miner = self._restored_miner, None
-        if saved is not None:
-            self.miner = ResidualAttack.for_model(self.model, saved["layer"])
-            with torch.no_grad():
-                self.miner.weight.copy_(saved["weight"])
-                self.miner.bias.copy_(saved["bias"])
+        self.miner = ResidualAttack.for_model(self.model, saved["layer"])
+        with torch.no_grad():
+            self.miner.weight.copy_(saved["weight"])
+            self.miner.bias.copy_(saved["bias"])
 
     # ----- hard negative mining --------------------------------------------------------------------
     def _mine(self, harmful: dict) -> None:
@@ -190,6 +190,8 @@ class TripletDefenseModule(SafetyModule):
         layers_b, layers_h = self.resolve(hp.layers_benign), self.resolve(hp.layers_harmful)
         mask_b, mask_h = position_mask(benign, hp.positions), position_mask(harmful, hp.positions)
         use_kl = hp.kl_weight > 0
+        if self._restored_miner is not None:
+            self._rebuild_restored_miner()
 
         if hp.mining and self.training and self.global_step % hp.mining_interval == 0 \
                 and self._mined_at_step != self.global_step:
