@@ -6,7 +6,7 @@ method is built from its shipped config, one batch is drawn, one step warms up (
 miner is trained there and timed on its own), then ``--steps`` steps are timed and their median kept.
 Methods are interleaved within each of ``--rounds`` rounds, so drifts of a shared machine fall on all
 of them alike; the figures are the median and range over rounds of each step time divided by the SFT
-step time of the same round. Written to benchmarks/results/throughput.{json,md}.
+step time of the same round. Written to benchmarks/results/throughput.{json,md} (``--name``).
 
     python benchmarks/throughput.py                            # organism, SmolLM2 (if installed), 8B-shaped
     python benchmarks/throughput.py --models organism --rounds 5
@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--llama-dir", default=os.path.join(tempfile.gettempdir(), "lit_safety_llama3_8b_shaped"))
     parser.add_argument("--attacks", type=int, default=0, help="behaviours per split for the attack costs (0: skip)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--name", default="throughput", help="result files <out>/<name>.{json,md}")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "lit_safety_throughput"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -238,9 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(args.work, exist_ok=True)
     attacks = attack_seconds(args.attacks, args.work) if args.attacks else None
     os.makedirs(args.out, exist_ok=True)
-    atomic_write(os.path.join(args.out, "throughput.json"),
+    atomic_write(os.path.join(args.out, f"{args.name}.json"),
                  json.dumps({"settings": settings, "models": table, "attack_seconds_per_behaviour": attacks}, indent=1))
-    atomic_write(os.path.join(args.out, "throughput.md"), markdown(table, attacks, settings))
+    atomic_write(os.path.join(args.out, f"{args.name}.md"), markdown(table, attacks, settings))
     print(markdown(table, attacks, settings))
 
 

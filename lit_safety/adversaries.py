@@ -117,9 +117,12 @@ class ResidualAttack:
     def __call__(self, h: Tensor) -> Tensor:
         return h + (h.float() @ self.weight.T + self.bias).to(h.dtype)
 
-    def attached(self, model):
-        """Context in which the module sits in ``model``'s forward path."""
-        return edit_layer_output(model, self.layer, self)
+    def attached(self, model, rows: int | None = None):
+        """Context in which the module sits in ``model``'s forward path, acting on the first ``rows``
+        examples of each batch (all by default): attacked and clean examples share one forward."""
+        if rows is None:
+            return edit_layer_output(model, self.layer, self)
+        return edit_layer_output(model, self.layer, lambda h: torch.cat([self(h[:rows]), h[rows:]]))
 
     def train(self, loss_fn: Callable[[], Tensor], steps: int, lr: float) -> list[float]:
         """Adam on (W, b) minimising ``loss_fn()`` (which runs with the module attached); returns the
@@ -266,12 +269,17 @@ class LatentAdversary:
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:
-        """Within the block every forward pass is perturbed (sequences may be shorter than the mask)."""
+        """Within the block every forward pass is perturbed (sequences may be shorter than the mask). A
+        batch of k times the examples (several sequences of each example in one forward, as
+        ``representations.joint`` makes) gets each example's perturbation in each of its k parts."""
 
         def make_hook(name):
             def hook(_module, _args, output):
                 h = output_tensor(output)
-                return replace_output(output, h + self.delta(name)[:, : h.shape[1]].to(h.dtype))
+                delta = self.delta(name)[:, : h.shape[1]]
+                if h.shape[0] != delta.shape[0]:
+                    delta = delta.repeat(h.shape[0] // delta.shape[0], 1, 1)
+                return replace_output(output, h + delta.to(h.dtype))
 
             return hook
 

@@ -75,3 +75,40 @@ def position_mask(sequences: dict, positions: str) -> Tensor:
     """The positions of a collated batch to use: "completion", "prompt" or "all" (every real token)."""
     return {"completion": sequences["completion_mask"], "prompt": sequences["prompt_mask"],
             "all": sequences["attention_mask"]}[positions]
+
+
+def joint(sequences: list[dict]) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
+    """Several right-padded sequence batches as one: ``(input_ids, attention_mask, [(rows, length)])``.
+
+    Right padding keeps every real token at its position, and padding is masked, so each part's states
+    are those of its own forward; one forward of the joint batch replaces one per part.
+    """
+    import torch
+
+    length = max(seq["input_ids"].shape[1] for seq in sequences)
+
+    def pad(x: Tensor) -> Tensor:
+        return torch.nn.functional.pad(x, (0, length - x.shape[1]))
+
+    ids = torch.cat([pad(seq["input_ids"]) for seq in sequences])
+    mask = torch.cat([pad(seq["attention_mask"]) for seq in sequences])
+    return ids, mask, [(seq["input_ids"].shape[0], seq["input_ids"].shape[1]) for seq in sequences]
+
+
+def split(x: Tensor, parts: list[tuple[int, int]]) -> list[Tensor]:
+    """``x`` [sum of rows, T, ...] back into the parts ``joint`` made, each at its own length."""
+    out, start = [], 0
+    for rows, length in parts:
+        out.append(x[start : start + rows, :length])
+        start += rows
+    return out
+
+
+def joint_forward_states(model, sequences: list[dict], layers: Sequence[int],
+                         logits: bool = False) -> list[tuple[dict[int, Tensor], Tensor | None]]:
+    """``forward_states`` of several sequence batches in one forward pass, one result per batch."""
+    ids, mask, parts = joint(sequences)
+    states, all_logits = forward_states(model, ids, mask, layers, logits)
+    per_layer = {layer: split(h, parts) for layer, h in states.items()}
+    per_part_logits = split(all_logits, parts) if all_logits is not None else [None] * len(parts)
+    return [({layer: h[i] for layer, h in per_layer.items()}, per_part_logits[i]) for i in range(len(parts))]

@@ -19,7 +19,7 @@ from torch import Tensor
 from lit_safety import backbone
 from lit_safety.losses import reroute_loss, retain_loss
 from lit_safety.methods.base import SafetyModule
-from lit_safety.representations import forward_states
+from lit_safety.representations import joint_forward_states
 
 
 class CircuitBreakerModule(SafetyModule):
@@ -71,11 +71,10 @@ class CircuitBreakerModule(SafetyModule):
     def compute_losses(self, batch: dict) -> dict[str, Tensor]:
         layers = self.resolve(self.hparams.layers)
         benign, harmful = batch["benign"]["completion"], batch["harmful"]["completion"]
+        # Both streams in one forward per view, stopped after the deepest layer (no logits).
         with self.reference():
-            ref_b, _ = forward_states(self.model, benign["input_ids"], benign["attention_mask"], layers, logits=False)
-            ref_h, _ = forward_states(self.model, harmful["input_ids"], harmful["attention_mask"], layers, logits=False)
-        new_b, _ = forward_states(self.model, benign["input_ids"], benign["attention_mask"], layers, logits=False)
-        new_h, _ = forward_states(self.model, harmful["input_ids"], harmful["attention_mask"], layers, logits=False)
+            (ref_b, _), (ref_h, _) = joint_forward_states(self.model, [benign, harmful], layers)
+        (new_b, _), (new_h, _) = joint_forward_states(self.model, [benign, harmful], layers)
         retain = torch.stack([retain_loss(new_b[i], ref_b[i], benign["attention_mask"]) for i in layers]).mean()
         reroute = torch.stack([reroute_loss(new_h[i], ref_h[i], harmful["attention_mask"]) for i in layers]).mean()
         c_retain, c_cb = self.coefficients()

@@ -32,7 +32,7 @@ from lit_safety.losses import (
     sequence_logprob,
     toward,
 )
-from lit_safety.representations import forward_states, position_mask
+from lit_safety.representations import forward_states, joint, position_mask, split
 
 Closure = Callable[[], Tensor]
 
@@ -47,6 +47,13 @@ def _toward(model, seq: Sequences) -> Tensor:
 
 def _logp(model, seq: Sequences) -> Tensor:
     return sequence_logprob(_logits(model, seq), seq["input_ids"], seq["completion_mask"])
+
+
+def _joint_logits(model, first: Sequences, second: Sequences) -> tuple[Tensor, Tensor]:
+    """The logits of two sequence batches of the same examples (the harmful completion and the
+    refusal of each request) from one forward pass."""
+    ids, mask, parts = joint([first, second])
+    return tuple(split(model(input_ids=ids, attention_mask=mask).logits, parts))
 
 
 class LATObjective:
@@ -93,12 +100,14 @@ class Refusal(LATObjective):
         harmful, refusal, model = batch["harmful"]["completion"], batch["harmful"]["refusal"], module.model
 
         def adversary() -> Tensor:
-            return (self.adversary_toward * _toward(model, harmful)
-                    + self.adversary_away * away(_logits(model, refusal), refusal["input_ids"], refusal["completion_mask"]))
+            on_harmful, on_refusal = _joint_logits(model, harmful, refusal)
+            return (self.adversary_toward * toward(on_harmful, harmful["input_ids"], harmful["completion_mask"])
+                    + self.adversary_away * away(on_refusal, refusal["input_ids"], refusal["completion_mask"]))
 
         def attacked() -> Tensor:
-            return (self.model_toward * _toward(model, refusal)
-                    + self.model_away * away(_logits(model, harmful), harmful["input_ids"], harmful["completion_mask"]))
+            on_harmful, on_refusal = _joint_logits(model, harmful, refusal)
+            return (self.model_toward * toward(on_refusal, refusal["input_ids"], refusal["completion_mask"])
+                    + self.model_away * away(on_harmful, harmful["input_ids"], harmful["completion_mask"]))
 
         return adversary, attacked
 
@@ -121,17 +130,22 @@ class DPO(LATObjective):
 
     def losses(self, module, batch: SafetyBatch) -> tuple[Closure, Closure]:
         harmful, refusal, model = batch["harmful"]["completion"], batch["harmful"]["refusal"], module.model
+        def logps(on_harmful: Tensor, on_refusal: Tensor) -> tuple[Tensor, Tensor]:
+            return (sequence_logprob(on_harmful, harmful["input_ids"], harmful["completion_mask"]),
+                    sequence_logprob(on_refusal, refusal["input_ids"], refusal["completion_mask"]))
+
         with module.reference():
-            reference_harmful, reference_refusal = _logp(model, harmful), _logp(model, refusal)
+            reference_harmful, reference_refusal = logps(*_joint_logits(model, harmful, refusal))
 
         def adversary() -> Tensor:  # prefer the harmful completion
-            return dpo_loss(_logp(model, harmful), _logp(model, refusal), reference_harmful, reference_refusal, self.beta)
+            return dpo_loss(*logps(*_joint_logits(model, harmful, refusal)), reference_harmful, reference_refusal,
+                            self.beta)
 
         def attacked() -> Tensor:
-            logits = _logits(model, refusal)  # one forward serves both terms
-            chosen = sequence_logprob(logits, refusal["input_ids"], refusal["completion_mask"])
-            return (dpo_loss(chosen, _logp(model, harmful), reference_refusal, reference_harmful, self.beta)
-                    + self.model_toward * toward(logits, refusal["input_ids"], refusal["completion_mask"]))
+            on_harmful, on_refusal = _joint_logits(model, harmful, refusal)
+            rejected, chosen = logps(on_harmful, on_refusal)
+            return (dpo_loss(chosen, rejected, reference_refusal, reference_harmful, self.beta)
+                    + self.model_toward * toward(on_refusal, refusal["input_ids"], refusal["completion_mask"]))
 
         return adversary, attacked
 

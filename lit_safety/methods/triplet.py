@@ -24,7 +24,7 @@ from lit_safety.backbone import BackboneError
 from lit_safety.distributed import global_masked_mean
 from lit_safety.losses import distance, kl_divergence, masked_mean, toward, triplet_loss
 from lit_safety.methods.base import SafetyModule
-from lit_safety.representations import forward_states, position_mask
+from lit_safety.representations import forward_states, joint_forward_states, position_mask
 
 Distance = Literal["l2", "cosine", "mix"]
 Positions = Literal["completion", "prompt", "all"]
@@ -162,10 +162,8 @@ class TripletDefenseModule(SafetyModule):
         mined = round(self.hparams.mining_fraction * ids.shape[0]) if self.miner is not None else 0
         if not mined:
             return forward_states(self.model, ids, attention, layers, logits=False)[0]
-        with self.miner.attached(self.model):
-            attacked, _ = forward_states(self.model, ids[:mined], attention[:mined], layers, logits=False)
-        clean, _ = forward_states(self.model, ids[mined:], attention[mined:], layers, logits=False)
-        return {layer: torch.cat([attacked[layer], clean[layer]]) for layer in layers}
+        with self.miner.attached(self.model, rows=mined):  # attacked and clean rows in one forward
+            return forward_states(self.model, ids, attention, layers, logits=False)[0]
 
     # ----- loss ------------------------------------------------------------------------------------
     def _scale(self, reference: Tensor, mask: Tensor) -> Tensor | float:
@@ -199,8 +197,12 @@ class TripletDefenseModule(SafetyModule):
             self._mine(harmful)
 
         with self.reference():
-            ref_b, ref_logits = forward_states(self.model, benign["input_ids"], benign["attention_mask"], layers_b, use_kl)
-            ref_h, _ = forward_states(self.model, harmful["input_ids"], harmful["attention_mask"], layers_h, logits=False)
+            if use_kl:  # only the benign rows need logits (the head would cost more than one forward saves)
+                ref_b, ref_logits = forward_states(self.model, benign["input_ids"], benign["attention_mask"], layers_b)
+                ref_h, _ = forward_states(self.model, harmful["input_ids"], harmful["attention_mask"], layers_h, logits=False)
+            else:
+                (ref_b, ref_logits), (ref_h, _) = joint_forward_states(self.model, [benign, harmful],
+                                                                       sorted(set(layers_b) | set(layers_h)))
         new_b, logits = forward_states(self.model, benign["input_ids"], benign["attention_mask"], layers_b, use_kl)
         new_h = self._harmful_states(harmful, sorted(set(layers_b) | set(layers_h)))
         mu_h = {layer: global_masked_mean(states, mask_h) for layer, states in new_h.items()}
