@@ -62,6 +62,19 @@ def quiet() -> None:
     transformers_logging.disable_progress_bar()  # "Loading weights" on every model load
 
 
+def _fp32_without_native_bf16(config: dict) -> None:
+    """bf16 precision on a CPU whose bf16 matmuls are slower than fp32 ones (no native kernels) trains
+    in fp32 instead, and says so; where bf16 is faster (GPUs, CPUs with AMX) it is kept."""
+    from lit_safety import backbone
+
+    precision, accelerator = str(config.get("precision")), config.get("accelerator")
+    on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available())
+    if precision.startswith("bf16") and on_cpu and (speedup := backbone.bf16_speedup("cpu")) < 1.0:
+        config["precision"] = "32-true"
+        print(f"precision {precision} -> 32-true: bf16 matmuls run {1 / speedup:.1f}x slower than fp32 on this CPU",
+              flush=True)
+
+
 class LitSafetyCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         # A resumed run continues in the run directory of its checkpoint, not in a new version.
@@ -79,6 +92,7 @@ class LitSafetyCLI(LightningCLI):
         print(f"resuming in {run}", flush=True)
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
+        _fp32_without_native_bf16(config)
         # A run-level progress bar (log lines when stdout is not a terminal) and the learning rate.
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in
                                                                         [*callbacks, *(config.get("callbacks") or [])]):

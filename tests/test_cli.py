@@ -304,3 +304,14 @@ def test_paper_recipes_run_on_one_node_or_more(name):
         assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (8 * nodes, 1)
         assert cli.trainer.precision == "bf16-mixed" and cli.model.hparams.gradient_checkpointing
     assert one.datamodule.global_batch_size == two.datamodule.global_batch_size == (32 if name == "lat_jailbreak" else 16)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_precision_falls_back_to_fp32_on_a_cpu_without_bf16_kernels(native, monkeypatch, capsys):
+    from lit_safety import backbone
+
+    monkeypatch.setattr(backbone, "bf16_speedup", lambda device_type: 2.0 if native else 0.3)
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "refusal_sft.yaml")
+    cli = main(["--config", config, "--trainer.accelerator=cpu", "--trainer.precision=bf16-mixed"], run=False)
+    assert cli.trainer.precision == ("bf16-mixed" if native else "32-true")
+    assert ("bf16 matmuls run 3.3x slower than fp32" in capsys.readouterr().out) != native

@@ -36,7 +36,7 @@ TOLERANCE = 1e-5  # relative, per adapter tensor
 
 
 
-# The paper-scale recipes as shipped (FSDP2, bf16 weights, bf16-mixed, activation checkpointing, the
+# The paper-scale recipes as shipped (FSDP2, bf16 weights, bf16-mixed where bf16 is fast, activation checkpointing, the
 # global batch), on the tiny model: only its layers, the steps and the batch are cut to fit.
 TRIPLET_LAYERS = ["--model.layers_benign=[2, 3]", "--model.layers_harmful=[2, 3]", "--model.mining_layers=[0, 1]",
                   "--model.mining_steps=2", "--model.mining_interval=1"]
