@@ -38,9 +38,9 @@ class Crash(L.Callback):
             raise Crashed
 
 
-def fit(module, root, callbacks=(), ckpt_path=None):
+def fit(module, root, callbacks=(), ckpt_path=None, max_steps=STEPS, checkpoint=None):
     L.seed_everything(0)
-    trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", logger=False, enable_progress_bar=False,
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=root, val_check_interval=CHECKPOINT_AT,
                         limit_val_batches=1, num_sanity_val_steps=1, callbacks=list(callbacks))
     trainer.checkpoint_callback.save_last = True
@@ -48,6 +48,8 @@ def fit(module, root, callbacks=(), ckpt_path=None):
     # lands mid-epoch and the shorter stream is into its second pass.
     # Modules built in Python keep their component objects in the hyperparameters: not weights only.
     trainer.fit(module, SafetyDataModule(batch_size=4, val_fraction=0.1), ckpt_path=ckpt_path, weights_only=False)
+    if checkpoint is not None:
+        trainer.save_checkpoint(checkpoint)  # as the CLI writes last.ckpt when fit ends
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
@@ -60,4 +62,16 @@ def test_resumed_run_equals_an_uninterrupted_one(name, tmp_path):
     assert torch.load(checkpoint, weights_only=False)["global_step"] == CHECKPOINT_AT
     resumed = fit(METHODS[name](), tmp_path / "resumed", ckpt_path=str(checkpoint))
     difference = max((straight[k] - resumed[k]).abs().max().item() for k in straight)
+    assert difference <= 1e-6, difference
+
+
+@pytest.mark.parametrize("name", ["refusal_sft", "triplet_mining"])
+def test_a_finished_run_continued_from_its_last_checkpoint_equals_a_longer_one(name, tmp_path):
+    # The run stops at max_steps mid-epoch; Lightning records that epoch as finished, the data order
+    # must not skip the rest of it.
+    straight = fit(METHODS[name](), tmp_path / "straight")
+    checkpoint = tmp_path / "finished.ckpt"
+    fit(METHODS[name](), tmp_path / "short", max_steps=CRASH_AT - 1, checkpoint=checkpoint)
+    continued = fit(METHODS[name](), tmp_path / "continued", ckpt_path=str(checkpoint))
+    difference = max((straight[k] - continued[k]).abs().max().item() for k in straight)
     assert difference <= 1e-6, difference

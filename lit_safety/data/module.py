@@ -210,12 +210,12 @@ class SafetyDataModule(L.LightningDataModule):
         return TrainingBatches(self.train_records, {name: self._collate(name) for name in self.train_records},
                                self.batch_size, self.seed, self._loop_position)
 
-    def _loop_position(self) -> tuple[int, int]:
-        """(epoch, batch) where the training loop is about to read: where a resumed run picks up."""
+    def _loop_position(self) -> int:
+        """Batches the training loop has read: where a resumed run picks up."""
         trainer = self.trainer
         if trainer is None or not trainer.training:
-            return 0, 0
-        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            return 0
+        return trainer.fit_loop.epoch_loop.batch_progress.total.ready
 
     def _collate(self, name: str):
         stream = self.streams[name]

@@ -3,8 +3,11 @@ exactly the batches an uninterrupted one would.
 
 Each stream is read in passes; pass p is a permutation seeded by (seed, stream, p), sharded across
 ranks as ``DistributedSampler`` shards (padded to a multiple of the world size, every world-th index).
-An epoch is as long as the longest stream; shorter streams run on into their next pass. A resumed run
-starts at the batch the training loop has restored (Lightning's batch progress).
+An epoch is as long as the longest stream; shorter streams run on into their next pass. Iteration
+starts at the global batch after the last one the run has read (Lightning's total batch progress, which
+a checkpoint restores), so a resumed run reads what an uninterrupted one would: from a checkpoint
+saved mid-epoch, and from one saved when fit stopped at ``max_steps`` mid-epoch (which Lightning
+records as a finished epoch).
 """
 
 from __future__ import annotations
@@ -31,13 +34,13 @@ class TrainingBatches:
         collate: stream name -> the function that turns a list of records into its batch.
         batch_size: records per stream per batch.
         seed: seed of the permutations.
-        position: returns (epoch, first batch index) when iteration starts; (0, 0) without it.
+        position: returns how many batches the run has read when iteration starts; 0 without it.
     """
 
     def __init__(self, streams: dict[str, list[Record]], collate: dict[str, Callable], batch_size: int, seed: int,
-                 position: Callable[[], tuple[int, int]] | None = None):
+                 position: Callable[[], int] | None = None):
         self.streams, self.collate, self.batch_size, self.seed = streams, collate, batch_size, seed
-        self.position = position or (lambda: (0, 0))
+        self.position = position or (lambda: 0)
         self._permutation = lru_cache(maxsize=8)(self._permute)
 
     def _per_rank(self, name: str) -> int:
@@ -64,8 +67,8 @@ class TrainingBatches:
         return mine[position * self.batch_size : (position + 1) * self.batch_size]
 
     def __iter__(self):
-        epoch, start = self.position()
         length = len(self)
+        epoch, start = divmod(self.position(), length)
         for b in range(start, length):
             batch = epoch * length + b
             yield {name: self.collate[name]([records[i] for i in self.indices(name, batch)])
