@@ -167,9 +167,10 @@ def _summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def attack_seconds(n: int, work: str) -> dict:
+def attack_seconds(n: int, work: str, evaluation: str | None = None) -> dict:
     """Seconds per behaviour of every suite attack on the base organism (``n`` behaviours per split)."""
     run(["test", "--config", "configs/evaluate.yaml", f"--data.init_args.test_size={n}",
+         *(["--evaluation", evaluation] if evaluation else []),
          "--trainer.logger.init_args.save_dir", work, "--trainer.logger.init_args.name", "throughput",
          "--trainer.logger.init_args.version", "attacks", "--trainer.enable_progress_bar=false"],
         os.path.join(work, "attacks.log"))
@@ -212,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--llama-layers", type=int, default=2, choices=sorted(LLAMA_LAYERS))
     parser.add_argument("--llama-dir", default=os.path.join(tempfile.gettempdir(), "lit_safety_llama3_8b_shaped"))
     parser.add_argument("--attacks", type=int, default=0, help="behaviours per split for the attack costs (0: skip)")
+    parser.add_argument("--evaluation", help="the attack suite to time (default: configs/suite.yaml)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--name", default="throughput", help="result files <out>/<name>.{json,md}")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "lit_safety_throughput"))
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
                 "llama_layers": args.llama_layers}
     table = step_costs(models, args.methods, args.rounds, args.steps, args.batch_size, args.llama_layers)
     os.makedirs(args.work, exist_ok=True)
-    attacks = attack_seconds(args.attacks, args.work) if args.attacks else None
+    attacks = attack_seconds(args.attacks, args.work, args.evaluation) if args.attacks else None
     os.makedirs(args.out, exist_ok=True)
     atomic_write(os.path.join(args.out, f"{args.name}.json"),
                  json.dumps({"settings": settings, "models": table, "attack_seconds_per_behaviour": attacks}, indent=1))

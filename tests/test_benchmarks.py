@@ -78,3 +78,19 @@ def test_judges_benchmark_scores_every_judge_against_labels(tmp_path):
     assert prefix["refusal labels (in-sample)"]["confusion"] == {"tp": 1, "fp": 0, "tn": 1, "fn": 1}
     assert offline["objective labels (unseen)"]["n"] == 1 and offline["objective labels (unseen)"]["accuracy"] == 1.0
     assert "| refusal_offline |" in (tmp_path / "judges.md").read_text()
+
+
+def test_throughput_compares_each_method_with_the_sft_step(tmp_path, quick_suite):
+    from benchmarks import throughput
+
+    # The tiny organism has 2 layers: a config whose layers fit it.
+    throughput.main(["--models", "organism", "--methods", "triplet", "--rounds", "1",
+                     "--steps", "1", "--batch-size", "2", "--attacks", "1", "--evaluation", quick_suite,
+                     "--out", str(tmp_path), "--work", str(tmp_path / "work")])
+    results = json.loads((tmp_path / "throughput.json").read_text())
+    rows = results["models"]["organism"]
+    assert set(rows) == {"refusal_sft", "triplet"}  # SFT is always the baseline
+    assert rows["refusal_sft"]["ratio"]["median"] == 1.0 and rows["triplet"]["seconds"] > 0
+    assert rows["triplet"]["tokens"] == rows["refusal_sft"]["tokens"]  # the same batch
+    assert results["attack_seconds_per_behaviour"]["gcg"] > 0
+    assert "| triplet |" in (tmp_path / "throughput.md").read_text()
