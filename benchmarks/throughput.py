@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 from benchmarks.common import ROOT, atomic_write, run
 
-METHODS = ["refusal_sft", "triplet", "triplet_adv", "circuit_breaker", "lat"]
+METHODS = ["refusal_sft", "triplet", "triplet_adv", "circuit_breaker", "lat", "refat"]
 BASELINE = "refusal_sft"
 # Layer settings of the paper-scale recipes, scaled to the few layers of the 8B-shaped model.
 LLAMA_LAYERS = {

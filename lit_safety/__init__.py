@@ -11,6 +11,7 @@ from lit_safety.data import DataSource, SafetyDataModule, Stream
 from lit_safety.methods import (
     CircuitBreakerModule,
     NoDefense,
+    RefusalFeatureATModule,
     RefusalSFTModule,
     SafetyModule,
     TargetedLATModule,
@@ -21,6 +22,7 @@ __all__ = [
     "CircuitBreakerModule",
     "DataSource",
     "NoDefense",
+    "RefusalFeatureATModule",
     "RefusalSFTModule",
     "SafetyDataModule",
     "SafetyModule",

@@ -19,6 +19,10 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 @torch.no_grad()
 def mean_across_ranks_(tensors: list[Tensor]) -> list[Tensor]:
     """Replace each tensor in place by its mean over ranks (no gradient); returns ``tensors``."""

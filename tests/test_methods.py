@@ -10,6 +10,7 @@ import torch
 
 from lit_safety import (
     CircuitBreakerModule,
+    RefusalFeatureATModule,
     RefusalSFTModule,
     SafetyDataModule,
     TargetedLATModule,
@@ -30,6 +31,7 @@ METHODS = {
     "lat_refusal": (TargetedLATModule, {"adversary": LATAdversary(layers=["embedding", 1], steps=2)}),
     "lat_rmu": (TargetedLATModule, {"objective": RMU(layer=1), "adversary": LATAdversary(layers=[0], steps=2)}),
     "lat_dpo": (TargetedLATModule, {"objective": DPO(), "adversary": LATAdversary(layers=[0], steps=2)}),
+    "refat": (RefusalFeatureATModule, {"refresh_interval": 1, "kl_weight": 1.0}),
 }
 
 

@@ -28,6 +28,7 @@ STEPS = 3
 SAME_STEPS = ["--data.val_fraction=0", "--model.lora_dropout=0", "--model.dtype=float64"]
 METHODS = {
     "refusal_sft": [],
+    "refat": ["--model.ablation_probability=0.5"],
     "triplet_adv": ["--model.mining_fraction=0.5", "--model.mining_steps=3"],
     "lat": ["--model.adversary.layers=[0, 1]", "--model.adversary.steps=2"],
     "circuit_breaker": [],
@@ -45,6 +46,7 @@ PAPER_SCALE = {
     "llama3_8b/triplet_released": TRIPLET_LAYERS,
     "llama3_8b/circuit_breaker": ["--model.layers=[1, 2]"],
     "llama3_8b/lat_jailbreak": ["--model.adversary.layers=[embedding, 1, 2]", "--model.adversary.steps=2"],
+    "llama3_8b/refat": ["--model.refresh_interval=1"],
 }
 
 
