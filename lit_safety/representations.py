@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from lit_safety.backbone import decoder_layers, resolve_layers
@@ -83,8 +85,6 @@ def joint(sequences: list[dict]) -> tuple[Tensor, Tensor, list[tuple[int, int]]]
     Right padding keeps every real token at its position, and padding is masked, so each part's states
     are those of its own forward; one forward of the joint batch replaces one per part.
     """
-    import torch
-
     length = max(seq["input_ids"].shape[1] for seq in sequences)
 
     def pad(x: Tensor) -> Tensor:
@@ -112,3 +112,36 @@ def joint_forward_states(model, sequences: list[dict], layers: Sequence[int],
     per_layer = {layer: split(h, parts) for layer, h in states.items()}
     per_part_logits = split(all_logits, parts) if all_logits is not None else [None] * len(parts)
     return [({layer: h[i] for layer, h in per_layer.items()}, per_part_logits[i]) for i in range(len(parts))]
+
+
+class Window(NamedTuple):
+    """A batch's logits from the position before its earliest completion token to the end, with its
+    ids and completion mask over the same positions: all that a completion loss reads (LAT's inner
+    loop and the miner score completions many times a step; the head over every prompt position
+    would dominate)."""
+
+    logits: Tensor
+    input_ids: Tensor
+    completion_mask: Tensor
+
+
+def _window(model, ids: Tensor, attention: Tensor, completion: Tensor) -> Window:
+    marked = completion.any(dim=0).nonzero()
+    start = max(0, int(marked[0]) - 1) if len(marked) else ids.shape[1] - 1
+    logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=ids.shape[1] - start).logits
+    return Window(logits, ids[:, start:], completion[:, start:])
+
+
+def completion_window(model, seq: dict) -> Window:
+    """``seq``'s completion window (see ``Window``)."""
+    return _window(model, seq["input_ids"], seq["attention_mask"], seq["completion_mask"])
+
+
+def joint_completion_windows(model, first: dict, second: dict) -> tuple[Window, Window]:
+    """The windows of two sequence batches of the same examples (the harmful completion and the
+    refusal of each request) from one forward pass."""
+    ids, mask, parts = joint([first, second])
+    completion = torch.cat([torch.nn.functional.pad(seq["completion_mask"], (0, ids.shape[1] - seq["input_ids"].shape[1]))
+                            for seq in (first, second)])
+    window, rows = _window(model, ids, mask, completion), parts[0][0]
+    return Window(*(x[:rows] for x in window)), Window(*(x[rows:] for x in window))

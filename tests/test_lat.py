@@ -222,3 +222,25 @@ def test_adam_descent_drops_only_the_bad_step():
     history = adam_descent([x], loss, steps=6, lr=0.1)
     assert dropped(history) == 1 and history[2] != history[2]
     assert torch.isfinite(x).all() and history[-1] < history[0]
+
+
+def test_completion_window_scores_like_the_full_logits(tiny_model_dir):
+    # The objectives' losses read logits only from the position before the earliest completion token.
+    from lit_safety import backbone
+    from lit_safety.losses import sequence_logprob, toward
+    from lit_safety.representations import completion_window, joint_completion_windows
+
+    model = backbone.load_causal_lm(tiny_model_dir, "float32", None).eval()
+    ids = torch.tensor([[3, 4, 5, 6, 7, 0], [3, 4, 5, 6, 7, 8]])
+    seq = {"input_ids": ids, "attention_mask": (ids > 0).long(),
+           "completion_mask": torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 1]]).bool()}
+    other = {k: v[:, :5] for k, v in seq.items()}
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=seq["attention_mask"]).logits
+        assert completion_window(model, seq).logits.shape[1] == 5  # from position 1, before the first completion token
+        assert torch.allclose(toward(*completion_window(model, seq)), toward(full, ids, seq["completion_mask"]), atol=1e-5)
+        first, second = joint_completion_windows(model, seq, other)
+        assert torch.allclose(sequence_logprob(*first), sequence_logprob(full, ids, seq["completion_mask"]), atol=1e-5)
+        short = model(input_ids=other["input_ids"], attention_mask=other["attention_mask"]).logits
+        assert torch.allclose(sequence_logprob(*second), sequence_logprob(short, other["input_ids"],
+                                                                           other["completion_mask"]), atol=1e-5)

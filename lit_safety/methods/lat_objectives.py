@@ -32,28 +32,19 @@ from lit_safety.losses import (
     sequence_logprob,
     toward,
 )
-from lit_safety.representations import forward_states, joint, position_mask, split
+from lit_safety.representations import (
+    Window,
+    completion_window,
+    forward_states,
+    joint_completion_windows,
+    position_mask,
+)
 
 Closure = Callable[[], Tensor]
 
 
-def _logits(model, seq: Sequences) -> Tensor:
-    return model(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"]).logits
-
-
 def _toward(model, seq: Sequences) -> Tensor:
-    return toward(_logits(model, seq), seq["input_ids"], seq["completion_mask"])
-
-
-def _logp(model, seq: Sequences) -> Tensor:
-    return sequence_logprob(_logits(model, seq), seq["input_ids"], seq["completion_mask"])
-
-
-def _joint_logits(model, first: Sequences, second: Sequences) -> tuple[Tensor, Tensor]:
-    """The logits of two sequence batches of the same examples (the harmful completion and the
-    refusal of each request) from one forward pass."""
-    ids, mask, parts = joint([first, second])
-    return tuple(split(model(input_ids=ids, attention_mask=mask).logits, parts))
+    return toward(*completion_window(model, seq))
 
 
 class LATObjective:
@@ -100,14 +91,12 @@ class Refusal(LATObjective):
         harmful, refusal, model = batch["harmful"]["completion"], batch["harmful"]["refusal"], module.model
 
         def adversary() -> Tensor:
-            on_harmful, on_refusal = _joint_logits(model, harmful, refusal)
-            return (self.adversary_toward * toward(on_harmful, harmful["input_ids"], harmful["completion_mask"])
-                    + self.adversary_away * away(on_refusal, refusal["input_ids"], refusal["completion_mask"]))
+            on_harmful, on_refusal = joint_completion_windows(model, harmful, refusal)
+            return self.adversary_toward * toward(*on_harmful) + self.adversary_away * away(*on_refusal)
 
         def attacked() -> Tensor:
-            on_harmful, on_refusal = _joint_logits(model, harmful, refusal)
-            return (self.model_toward * toward(on_refusal, refusal["input_ids"], refusal["completion_mask"])
-                    + self.model_away * away(on_harmful, harmful["input_ids"], harmful["completion_mask"]))
+            on_harmful, on_refusal = joint_completion_windows(model, harmful, refusal)
+            return self.model_toward * toward(*on_refusal) + self.model_away * away(*on_harmful)
 
         return adversary, attacked
 
@@ -130,22 +119,22 @@ class DPO(LATObjective):
 
     def losses(self, module, batch: SafetyBatch) -> tuple[Closure, Closure]:
         harmful, refusal, model = batch["harmful"]["completion"], batch["harmful"]["refusal"], module.model
-        def logps(on_harmful: Tensor, on_refusal: Tensor) -> tuple[Tensor, Tensor]:
-            return (sequence_logprob(on_harmful, harmful["input_ids"], harmful["completion_mask"]),
-                    sequence_logprob(on_refusal, refusal["input_ids"], refusal["completion_mask"]))
+
+        def logps(on_harmful: Window, on_refusal: Window) -> tuple[Tensor, Tensor]:
+            return sequence_logprob(*on_harmful), sequence_logprob(*on_refusal)
 
         with module.reference():
-            reference_harmful, reference_refusal = logps(*_joint_logits(model, harmful, refusal))
+            reference_harmful, reference_refusal = logps(*joint_completion_windows(model, harmful, refusal))
 
         def adversary() -> Tensor:  # prefer the harmful completion
-            return dpo_loss(*logps(*_joint_logits(model, harmful, refusal)), reference_harmful, reference_refusal,
-                            self.beta)
+            return dpo_loss(*logps(*joint_completion_windows(model, harmful, refusal)), reference_harmful,
+                            reference_refusal, self.beta)
 
         def attacked() -> Tensor:
-            on_harmful, on_refusal = _joint_logits(model, harmful, refusal)
+            on_harmful, on_refusal = joint_completion_windows(model, harmful, refusal)
             rejected, chosen = logps(on_harmful, on_refusal)
             return (dpo_loss(chosen, rejected, reference_refusal, reference_harmful, self.beta)
-                    + self.model_toward * toward(on_refusal, refusal["input_ids"], refusal["completion_mask"]))
+                    + self.model_toward * toward(*on_refusal))
 
         return adversary, attacked
 

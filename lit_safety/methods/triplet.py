@@ -24,7 +24,7 @@ from lit_safety.backbone import BackboneError
 from lit_safety.distributed import global_masked_mean
 from lit_safety.losses import distance, kl_divergence, masked_mean, toward, triplet_loss
 from lit_safety.methods.base import SafetyModule
-from lit_safety.representations import forward_states, joint_forward_states, position_mask
+from lit_safety.representations import completion_window, forward_states, joint_forward_states, position_mask
 
 Distance = Literal["l2", "cosine", "mix"]
 Positions = Literal["completion", "prompt", "all"]
@@ -147,8 +147,7 @@ class TripletDefenseModule(SafetyModule):
 
         def harmful_nll() -> Tensor:
             with miner.attached(self.model):
-                logits = self.model(input_ids=harmful["input_ids"], attention_mask=harmful["attention_mask"]).logits
-            return toward(logits, harmful["input_ids"], harmful["completion_mask"])
+                return toward(*completion_window(self.model, harmful))
 
         losses = miner.train(harmful_nll, hp.mining_steps, hp.mining_lr)
         self.miner = miner
