@@ -35,6 +35,7 @@ METHODS = {
     "lat": "configs/lat.yaml",
     "triplet": "configs/triplet.yaml",
     "triplet_adv": "configs/triplet_adv.yaml",
+    "refat": "configs/refat.yaml",
 }
 SPLITS = ["train", "heldout_synonym", "heldout_concept", "format_b", "format_c"]
 
