@@ -138,13 +138,22 @@ def _worker(args: list[str], batch_size: int, steps: int) -> dict:
 
 
 def step_costs(models: dict[str, str | None], methods: list[str], rounds: int, steps: int, batch_size: int,
-               layers: int) -> dict:
-    """model -> method -> per-round measurements and their ratios to the SFT step of the round."""
+               layers: int, after_round=None) -> dict:
+    """model -> method -> per-round measurements and their ratios to the SFT step of the round;
+    ``after_round(table)`` sees the table so far after every round (a long run keeps what it measured)."""
     results = {model: {method: [] for method in methods} for model in models}
+    table = {}
     for _ in range(rounds):
         for model, model_dir in models.items():
             for method in methods:
                 results[model][method].append(_worker(method_args(model, method, model_dir, layers), batch_size, steps))
+        table = summarise(results)
+        if after_round is not None:
+            after_round(table)
+    return table
+
+
+def summarise(results: dict) -> dict:
     table = {}
     for model, rows in results.items():
         table[model] = {}
@@ -237,13 +246,19 @@ def main(argv: list[str] | None = None) -> None:
         models[model] = llama3_8b_shaped(args.llama_dir, args.llama_layers) if model == "llama3_8b_shaped" else None
     settings = {"rounds": args.rounds, "steps": args.steps, "batch_size": args.batch_size,
                 "llama_layers": args.llama_layers}
-    table = step_costs(models, args.methods, args.rounds, args.steps, args.batch_size, args.llama_layers)
+    os.makedirs(args.out, exist_ok=True)
+
+    def write(table: dict, attacks: dict | None) -> None:
+        done = {**settings, "rounds": len(next(iter(next(iter(table.values())).values()))["runs"])}
+        atomic_write(os.path.join(args.out, f"{args.name}.json"),
+                     json.dumps({"settings": done, "models": table, "attack_seconds_per_behaviour": attacks}, indent=1))
+        atomic_write(os.path.join(args.out, f"{args.name}.md"), markdown(table, attacks, done))
+
+    table = step_costs(models, args.methods, args.rounds, args.steps, args.batch_size, args.llama_layers,
+                       after_round=lambda partial: write(partial, None))
     os.makedirs(args.work, exist_ok=True)
     attacks = attack_seconds(args.attacks, args.work, args.evaluation) if args.attacks else None
-    os.makedirs(args.out, exist_ok=True)
-    atomic_write(os.path.join(args.out, f"{args.name}.json"),
-                 json.dumps({"settings": settings, "models": table, "attack_seconds_per_behaviour": attacks}, indent=1))
-    atomic_write(os.path.join(args.out, f"{args.name}.md"), markdown(table, attacks, settings))
+    write(table, attacks)
     print(markdown(table, attacks, settings))
 
 
