@@ -79,20 +79,17 @@ def position_mask(sequences: dict, positions: str) -> Tensor:
             "all": sequences["attention_mask"]}[positions]
 
 
-def joint(sequences: list[dict]) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
-    """Several right-padded sequence batches as one: ``(input_ids, attention_mask, [(rows, length)])``.
+def joint(sequences: list[dict], fields: Sequence[str] = ("input_ids", "attention_mask")
+          ) -> tuple[dict[str, Tensor], list[tuple[int, int]]]:
+    """Several right-padded sequence batches as one: ``({field: joined}, [(rows, length)])``.
 
     Right padding keeps every real token at its position, and padding is masked, so each part's states
     are those of its own forward; one forward of the joint batch replaces one per part.
     """
     length = max(seq["input_ids"].shape[1] for seq in sequences)
-
-    def pad(x: Tensor) -> Tensor:
-        return torch.nn.functional.pad(x, (0, length - x.shape[1]))
-
-    ids = torch.cat([pad(seq["input_ids"]) for seq in sequences])
-    mask = torch.cat([pad(seq["attention_mask"]) for seq in sequences])
-    return ids, mask, [(seq["input_ids"].shape[0], seq["input_ids"].shape[1]) for seq in sequences]
+    joined = {name: torch.cat([torch.nn.functional.pad(seq[name], (0, length - seq[name].shape[1]))
+                               for seq in sequences]) for name in fields}
+    return joined, [(seq["input_ids"].shape[0], seq["input_ids"].shape[1]) for seq in sequences]
 
 
 def split(x: Tensor, parts: list[tuple[int, int]]) -> list[Tensor]:
@@ -107,8 +104,8 @@ def split(x: Tensor, parts: list[tuple[int, int]]) -> list[Tensor]:
 def joint_forward_states(model, sequences: list[dict], layers: Sequence[int],
                          logits: bool = False) -> list[tuple[dict[int, Tensor], Tensor | None]]:
     """``forward_states`` of several sequence batches in one forward pass, one result per batch."""
-    ids, mask, parts = joint(sequences)
-    states, all_logits = forward_states(model, ids, mask, layers, logits)
+    joined, parts = joint(sequences)
+    states, all_logits = forward_states(model, joined["input_ids"], joined["attention_mask"], layers, logits)
     per_layer = {layer: split(h, parts) for layer, h in states.items()}
     per_part_logits = split(all_logits, parts) if all_logits is not None else [None] * len(parts)
     return [({layer: h[i] for layer, h in per_layer.items()}, per_part_logits[i]) for i in range(len(parts))]
@@ -125,23 +122,18 @@ class Window(NamedTuple):
     completion_mask: Tensor
 
 
-def _window(model, ids: Tensor, attention: Tensor, completion: Tensor) -> Window:
-    marked = completion.any(dim=0).nonzero()
-    start = max(0, int(marked[0]) - 1) if len(marked) else ids.shape[1] - 1
-    logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=ids.shape[1] - start).logits
-    return Window(logits, ids[:, start:], completion[:, start:])
-
-
 def completion_window(model, seq: dict) -> Window:
     """``seq``'s completion window (see ``Window``)."""
-    return _window(model, seq["input_ids"], seq["attention_mask"], seq["completion_mask"])
+    ids, completion = seq["input_ids"], seq["completion_mask"]
+    marked = completion.any(dim=0).nonzero()
+    start = max(0, int(marked[0]) - 1) if len(marked) else ids.shape[1] - 1
+    logits = model(input_ids=ids, attention_mask=seq["attention_mask"], logits_to_keep=ids.shape[1] - start).logits
+    return Window(logits, ids[:, start:], completion[:, start:])
 
 
 def joint_completion_windows(model, first: dict, second: dict) -> tuple[Window, Window]:
     """The windows of two sequence batches of the same examples (the harmful completion and the
     refusal of each request) from one forward pass."""
-    ids, mask, parts = joint([first, second])
-    completion = torch.cat([torch.nn.functional.pad(seq["completion_mask"], (0, ids.shape[1] - seq["input_ids"].shape[1]))
-                            for seq in (first, second)])
-    window, rows = _window(model, ids, mask, completion), parts[0][0]
+    joined, parts = joint([first, second], ("input_ids", "attention_mask", "completion_mask"))
+    window, rows = completion_window(model, joined), parts[0][0]
     return Window(*(x[:rows] for x in window)), Window(*(x[rows:] for x in window))
