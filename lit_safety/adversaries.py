@@ -28,6 +28,13 @@ def output_tensor(output) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def ablate(h: Tensor, direction: Tensor) -> Tensor:
+    """h with its component along the unit ``direction`` removed, at every position (refusal-direction
+    ablation: the evaluation's attack and ReFAT's training perturbation)."""
+    direction = direction.to(h.dtype)
+    return h - (h @ direction)[..., None] * direction
+
+
 def adam_descent(
     parameters: list[Tensor], loss_fn: Callable[[], Tensor], steps: int, lr: float,
     after_step: Callable[[], None] | None = None, stop: Callable[[int], bool] | None = None,

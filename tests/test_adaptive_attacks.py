@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lit_safety import backbone
+from lit_safety.adversaries import ablate
 from lit_safety.data import ChatFormatter, load_records
 from lit_safety.data.records import Record
 from lit_safety.evaluation import (
@@ -20,7 +21,7 @@ from lit_safety.evaluation import (
     SampledResponses,
 )
 from lit_safety.evaluation.attacks import AttackResult, objective, snapshot_steps
-from lit_safety.evaluation.model_attacks import ablate, ablated, refusal_directions
+from lit_safety.evaluation.model_attacks import ablated, refusal_directions
 from lit_safety.evaluation.suffix import split_request
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lit_safety.adversaries import EMBEDDING, attack_sites, output_tensor, replace_output
+from lit_safety.adversaries import EMBEDDING, ablate, attack_sites, output_tensor, replace_output
 from lit_safety.backbone import decoder_layers, resolve_layers
 from lit_safety.data.formatting import ChatFormatter, collate
 from lit_safety.data.records import Record
@@ -63,12 +63,6 @@ def refusal_directions(model, formatter: ChatFormatter, harmful: Sequence[Record
     a = mean_prompt_state(model, formatter, harmful, layers)
     b = mean_prompt_state(model, formatter, harmless, layers)
     return {layer: (a[layer] - b[layer]) / (a[layer] - b[layer]).norm().clamp_min(1e-12) for layer in layers}
-
-
-def ablate(h: Tensor, direction: Tensor) -> Tensor:
-    """h with its component along the unit ``direction`` removed, at every position."""
-    direction = direction.to(h.dtype)
-    return h - (h @ direction)[..., None] * direction
 
 
 @contextlib.contextmanager

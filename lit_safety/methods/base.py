@@ -236,21 +236,18 @@ class SafetyModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "step"}}
 
     # ----- checkpoints -----------------------------------------------------------------------------
-    def _trainable_names(self) -> set[str]:
-        return {sharding.clean_name(name) for name, p in self.named_parameters() if p.requires_grad}
+    def _adapters_only(self, state: dict, prefix: str = "") -> dict:
+        """``state`` without the frozen weights (keys may carry ``prefix`` and wrapper names)."""
+        trainable = {sharding.clean_name(name) for name, p in self.named_parameters() if p.requires_grad}
+        return type(state)((k, v) for k, v in state.items() if sharding.clean_name(k[len(prefix) :]) in trainable)
 
     def state_dict(self, *args, **kwargs):
         """Only the trainable (adapter) weights: checkpoints stay megabytes at 8B scale."""
-        trainable = self._trainable_names()
-        full = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", "")
-        return type(full)((k, v) for k, v in full.items() if sharding.clean_name(k[len(prefix) :]) in trainable)
+        return self._adapters_only(super().state_dict(*args, **kwargs), kwargs.get("prefix", ""))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A wrapper that calls state_dict() on this module as a child (FSDP) keeps every weight.
-        trainable = self._trainable_names()
-        checkpoint["state_dict"] = type(checkpoint["state_dict"])(
-            (k, v) for k, v in checkpoint["state_dict"].items() if sharding.clean_name(k) in trainable)
+        checkpoint["state_dict"] = self._adapters_only(checkpoint["state_dict"])
         # Lets `artifacts.load_module` rebuild the right class from a checkpoint alone.
         checkpoint["lit_safety_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
         if self.calibration is not None:

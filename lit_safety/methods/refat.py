@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from lit_safety import backbone
-from lit_safety.adversaries import output_tensor, replace_output
+from lit_safety.adversaries import ablate, output_tensor, replace_output
 from lit_safety.distributed import global_masked_mean, rank, world_size
 from lit_safety.losses import kl_divergence, toward
 from lit_safety.methods.base import SafetyModule
@@ -37,8 +37,7 @@ def last_prompt_mask(sequences: dict) -> Tensor:
 def ablate_rows(h: Tensor, direction: Tensor, rows: Tensor) -> Tensor:
     """h [B, T, D] with its component along the unit ``direction`` removed at every position of the
     ``rows`` [B] marked; other rows unchanged."""
-    direction = direction.to(h.dtype)
-    return h - (h @ direction)[..., None] * direction * rows.to(h.dtype)[:, None, None]
+    return torch.where(rows[:, None, None], ablate(h, direction), h)
 
 
 @contextlib.contextmanager

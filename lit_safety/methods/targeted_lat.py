@@ -97,8 +97,8 @@ class TargetedLATModule(SafetyModule):
 
     def setup(self, stage: str) -> None:
         # FSDP's backward hooks assume one backward per forward of the wrapped module; the inner
-        # loop's backward passes leave them so that the model's update comes out wrong (measured:
-        # 0.2 relative from one process's after 3 steps). FSDP2 has no such state.
+        # loop's backward passes leave them in a state where the model's update comes out wrong.
+        # FSDP2 keeps no such state.
         if isinstance(self.trainer.strategy, FSDPStrategy) and self.adversary.steps > 0:
             raise ValueError("TargetedLATModule under FSDPStrategy: its inner loop does not train correctly under "
                              "FSDP; shard with FSDP2 (lightning.pytorch.strategies.ModelParallelStrategy) or use DDP")
