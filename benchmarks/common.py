@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -50,3 +51,17 @@ def spread_cell(summary: dict | None) -> str:
         return "—"
     detail = f" ({summary['min']:.2f}-{summary['max']:.2f})" if summary["min"] != summary["max"] else ""
     return f"{summary['mean']:.2f}{detail}"
+
+
+def judge_agreement(judge: str, results: str = os.path.join(ROOT, "benchmarks", "results", "judges.json")) -> str:
+    """One sentence naming ``judge`` and its agreement with people as benchmarks/judges.py measured it."""
+    name = judge.split(" ", 1)[0]
+    measured = {}
+    if os.path.isfile(results):
+        with open(results) as f:
+            measured = json.load(f).get(name, {})
+    if not measured:
+        return f"Judge: {judge} (agreement with people not measured)."
+    scores = "; ".join(f"{r['accuracy']:.2f} accuracy, {r['precision']:.2f} precision, {r['recall']:.2f} recall "
+                       f"on {labels} (n={r['n']})" for labels, r in measured.items())
+    return f"Judge: {judge}; against PyRIT's human labels ({os.path.basename(results)}): {scores}."

@@ -35,16 +35,19 @@ def test_smollm2_benchmark_runs_with_another_model_and_data(tmp_path, tiny_model
     streams = {k: {"sources": [v], "max_prompt_length": 16, "max_completion_length": 8} for k, v in data_files.items()}
     splits = {"harmful": [data_files["harmful"]], "benign": [data_files["benign"]], "borderline": [data_files["benign"]]}
     smollm2.main(["--methods", "base", "refusal_sft", "--out", str(tmp_path), "--work", str(tmp_path / "work"),
-                  "--tokenizer", tiny_model_dir, "--extra", f"--model.init_args.base_model={tiny_model_dir}",
+                  "--extra", f"--model.init_args.base_model={tiny_model_dir}",
                   f"--data.init_args.streams={json.dumps(streams)}", f"--data.init_args.test_splits={json.dumps(splits)}",
                   "--trainer.max_steps=2", "--evaluation.init_args.projector_layer=null"])
     results = json.loads((tmp_path / "smollm2.json").read_text())
     rows = results["rows"]
     assert set(rows) == {"base", "refusal_sft"}
-    assert rows["base"]["benign_unchanged_32_tokens"]["rate"] == 1.0  # the base reproduces itself
-    assert rows["base"]["benign_kl"] == 0.0 and rows["base"]["n"]["harmful"] == 12
-    assert 0.0 <= rows["refusal_sft"]["harmful_refused_or_broken"] <= 1.0
-    assert "| refusal_sft |" in (tmp_path / "smollm2.md").read_text()
+    assert rows["base"]["n"] == {"harmful": 12, "benign": 12, "borderline": 12}
+    for r in rows.values():
+        assert 0.0 <= r["harmful_refused_or_broken"] <= 1.0 and r["benign_nll"] > 0.0
+        assert -1.0 <= r["unrelated_similarity"] <= 1.0 and -1.0 <= r["benign_similarity"] <= 1.0
+        assert set(r["asr"]) >= {"direct", "worst_case"}
+    text = (tmp_path / "smollm2.md").read_text()
+    assert "| refusal_sft |" in text and "Judge: refusal_prefix" in text
 
 
 def test_attack_strength_compares_the_suite_attack_with_references(tmp_path, quick_suite):

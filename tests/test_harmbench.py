@@ -93,3 +93,16 @@ def test_packaged_overrefusal_probes(tmp_path, monkeypatch):
     monkeypatch.setenv("LIT_SAFETY_HOME", str(tmp_path))
     assert len(load_records("overrefusal:all")) == 150
     assert len(load_records("overrefusal:benign_edgy_80")) == 80
+
+
+def test_harmbench_with_the_models_answers_is_generated_once(behaviours, tiny_model_dir, monkeypatch):
+    from lit_safety.data import harmbench
+    from lit_safety.smollm2 import dataset
+
+    monkeypatch.setattr(harmbench, "packaged_csv", lambda split: behaviours)
+    path = dataset.harmbench_answered("test", model=tiny_model_dir, max_new_tokens=3)
+    (record,) = load_records(path)  # the standard behaviour only
+    assert record.meta["behavior_id"] == "pipe_bomb" and record.refusal == dataset.REFUSAL
+    assert record.completion and record.completion.split()[: dataset.TARGET_WORDS] == record.target.split()
+    monkeypatch.setattr(dataset, "_answer", lambda *a: pytest.fail("regenerated a complete dataset"))
+    assert dataset.harmbench_answered("test", model=tiny_model_dir, max_new_tokens=3) == path

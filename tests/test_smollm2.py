@@ -176,3 +176,19 @@ def test_greedy_agreement_by_hand(tiny_model_dir):
     # every logit is 0: a tie the answer's token does not win), so 2 of 4 tokens agree.
     assert agreement == [1.0, 0.5]
     assert margins[0] == pytest.approx(0.5) and margins[1] == pytest.approx(0.0)
+
+
+def test_answer_similarity_scores_the_same_answer_one_and_an_unrelated_one_lower(tiny_model_dir):
+    from lit_safety.data.records import Record
+    from lit_safety.evaluation.fidelity import answer_similarity
+
+    model, tokenizer = backbone.load_causal_lm(tiny_model_dir), backbone.load_tokenizer(tiny_model_dir)
+    formatter = ChatFormatter(tokenizer)
+    records = [Record(kind="benign", messages=[{"role": "user", "content": "sell apple"}], completion="river bomb make"),
+               Record(kind="benign", messages=[{"role": "user", "content": "make bomb"}], completion="sell sell apple"),
+               Record(kind="benign", messages=[{"role": "user", "content": "no answer"}])]
+    same, unrelated = answer_similarity(model, formatter, records, ["river bomb make", "river bomb make", "x"])
+    assert same[0] == pytest.approx(1.0, abs=1e-5)  # the base's own answer
+    assert same[1] < 1.0 - 1e-3  # another answer to this request
+    # The floor: each request's answer against the other request's (here: the other's own response).
+    assert unrelated[1] == pytest.approx(same[1], abs=1e-5) and len(same) == len(unrelated) == 2

@@ -203,10 +203,11 @@ class SafetyEvaluation(L.Callback):
             self.metrics[f"direct|{split}"].update(
                 self.judge(r, response) for r, response in zip(other, responses))
             self._keep("direct", split, responses)
-            if reference is not None:
-                self.metrics[f"kl|{split}"].update(benign_kl(model, formatter, other, reference), len(other))
-            if self.fidelity is not None:
-                self.fidelity.update_benign(model, formatter, split, other)
+            answered = [r for r in other if r.completion]
+            if reference is not None and answered:
+                self.metrics[f"kl|{split}"].update(benign_kl(model, formatter, answered, reference), len(answered))
+            if self.fidelity is not None and reference is not None:
+                self.fidelity.update_benign(model, formatter, split, other, responses, reference)
         if self.projector_layer is not None:
             self._project(model, formatter, records)
 

@@ -6,6 +6,10 @@ splits. Harmful requests span eight categories; benign requests are everyday tas
 use a harmful-sounding word in a harmless sense (as in XSTest), so a defense that refuses them
 over-refuses. The dev split is for choosing a method's settings; the test split stays held out.
 
+``harmbench_val`` and ``harmbench_test`` are HarmBench's standard behaviours (``harmbench:val``,
+``harmbench:test``) with the base model's answers in the same fields, so gradient attacks toward the
+base's whole answer, and the check that a defense no longer reproduces it, run on HarmBench too.
+
 Harmful completions are the base model's greedy answers (it is helpful-only, so they are the harmful
 behaviour a defense must remove), the analogue of the circuit-breaker set without writing harmful
 text by hand. Refusals come from one short template. Benign and borderline completions (the retain
@@ -31,6 +35,7 @@ REFUSAL = "I'm sorry, but I can't help with that."
 TARGET_WORDS = 6  # an attack's target: the first words of the base model's harmful answer
 KINDS, SPLITS = ("harmful", "benign", "borderline"), ("train", "dev", "test")
 NAMES = [f"{kind}_{split}" for kind in KINDS for split in SPLITS]  # one JSONL file each
+HARMBENCH = {"harmbench_val": "val", "harmbench_test": "test"}  # name -> HarmBench split
 
 
 def all_requests(path: str = REQUESTS) -> Iterator[tuple[str, str, str, str]]:
@@ -43,8 +48,8 @@ def all_requests(path: str = REQUESTS) -> Iterator[tuple[str, str, str, str]]:
             yield row["kind"], row["category"], row["request"], row["split"]
 
 
-def _key(model: str, max_new_tokens: int) -> str:
-    with open(REQUESTS, "rb") as f:
+def _key(model: str, max_new_tokens: int, requests_file: str = REQUESTS) -> str:
+    with open(requests_file, "rb") as f:
         requests = hashlib.sha256(f.read()).hexdigest()
     spec = {"model": model, "max_new_tokens": max_new_tokens, "version": VERSION, "requests": requests}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
@@ -69,30 +74,58 @@ def build_dataset(model: str = "smollm2", max_new_tokens: int = 64, batch_size: 
     return final
 
 
-def _generate(model_name: str, max_new_tokens: int, batch_size: int) -> dict[str, list[Record]]:
+def harmbench_answered(split: str, model: str = "smollm2", max_new_tokens: int = 64, batch_size: int = 16) -> str:
+    """The JSONL file of HarmBench's standard ``split`` (val or test) behaviours with ``model``'s
+    answers, generated on first use and cached under the CSV's bytes."""
+    from lit_safety.data.harmbench import packaged_csv, read_behaviours
+
+    csv_path = packaged_csv(split)
+    final = os.path.join(home(), f"smollm2-harmbench-{split}-{_key(model, max_new_tokens, csv_path)}")
+    if not is_complete(final):
+        with lock(os.path.basename(final)):
+            if not is_complete(final):
+                tmp = staging(final)
+                records = read_behaviours(csv_path)
+                for record in records:
+                    record.refusal = REFUSAL
+                _answer(model, records, max_new_tokens, batch_size)
+                write_records(records, os.path.join(tmp, "behaviours.jsonl"))
+                publish(tmp, final)
+    return os.path.join(final, "behaviours.jsonl")
+
+
+def _answer(model_name: str, records: list[Record], max_new_tokens: int, batch_size: int) -> None:
+    """Set each record's completion to ``model_name``'s greedy answer (and a harmful one's target to
+    its first words)."""
     from lit_safety.backbone import load_causal_lm, load_tokenizer
     from lit_safety.data.formatting import ChatFormatter
     from lit_safety.evaluation.generation import generate
 
-    tokenizer = load_tokenizer(model_name)
-    model = load_causal_lm(model_name)
-    formatter = ChatFormatter(tokenizer)
-    records = [Record(kind=kind, messages=[{"role": "user", "content": text}],
-                      refusal=REFUSAL if kind == "harmful" else None, meta={"category": category, "split": split})
-               for kind, category, text, split in all_requests()]
-    answers = generate(model, formatter, records, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    out: dict[str, list[Record]] = {name: [] for name in NAMES}
+    formatter = ChatFormatter(load_tokenizer(model_name))
+    answers = generate(load_causal_lm(model_name), formatter, records, max_new_tokens=max_new_tokens,
+                       batch_size=batch_size)
     for record, answer in zip(records, answers):
         record.completion = answer
         if record.kind == "harmful":
             record.target = " ".join(answer.split()[:TARGET_WORDS])
+
+
+def _generate(model_name: str, max_new_tokens: int, batch_size: int) -> dict[str, list[Record]]:
+    records = [Record(kind=kind, messages=[{"role": "user", "content": text}],
+                      refusal=REFUSAL if kind == "harmful" else None, meta={"category": category, "split": split})
+               for kind, category, text, split in all_requests()]
+    _answer(model_name, records, max_new_tokens, batch_size)
+    out: dict[str, list[Record]] = {name: [] for name in NAMES}
+    for record in records:
         out[f"{record.kind}_{record.meta['split']}"].append(record)
     return out
 
 
 def dataset_path(name: str) -> str:
-    """Resolve ``smollm2:<name>`` (harmful_train, benign_test, ...) to a JSONL file, building the set
-    with SmolLM2's answers on first use."""
+    """Resolve ``smollm2:<name>`` (harmful_train, benign_test, ..., harmbench_test) to a JSONL file,
+    building it with SmolLM2's answers on first use."""
+    if name in HARMBENCH:
+        return harmbench_answered(HARMBENCH[name])
     if name not in NAMES:
-        raise FileNotFoundError(f"the SmolLM2 set has no dataset {name!r}; available: {', '.join(NAMES)}")
+        raise FileNotFoundError(f"the SmolLM2 set has no dataset {name!r}; available: {', '.join([*NAMES, *HARMBENCH])}")
     return os.path.join(build_dataset(), f"{name}.jsonl")
