@@ -16,6 +16,7 @@ tie the base itself passes (``greedy_agreement``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -193,9 +194,11 @@ class FidelityMeasures:
         for key, metric in self.metrics.items():
             measure, attack, split = key.split("|")
             value = float(metric.compute())
+            metric.reset()
+            if math.isnan(value):  # nothing measured: no record of the split had the base's answer
+                continue
             if measure in self.BENIGN:
                 out[measure][split] = value
             else:
                 out[measure].setdefault(attack, {})[split] = value
-            metric.reset()
         return out

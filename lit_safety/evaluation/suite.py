@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 from collections import defaultdict
@@ -255,7 +256,8 @@ class SafetyEvaluation(L.Callback):
             elif name.startswith("curve/"):
                 out.setdefault("curves", {}).setdefault(name.split("/", 1)[1], {})[split] = value
             elif name == "kl":
-                out["benign_kl"][split] = float(value)
+                if not math.isnan(float(value)):  # NaN: no record of the split had a reference answer
+                    out["benign_kl"][split] = float(value)
             elif split in self.harmful_splits:
                 out["asr"].setdefault(name, {})[split] = {k: value[k] for k in ("rate", "low", "high", "n")}
                 out["refusal"].setdefault(name, {})[split] = value["refusal"]
