@@ -36,6 +36,8 @@ METHODS = {
     "triplet": "configs/triplet.yaml",
     "triplet_adv": "configs/triplet_adv.yaml",
     "refat": "configs/refat.yaml",
+    "triplet_latent": "configs/triplet_latent.yaml",
+    "lat_embedding": "configs/lat_embedding.yaml",
 }
 SPLITS = ["train", "heldout_synonym", "heldout_concept", "format_b", "format_c"]
 

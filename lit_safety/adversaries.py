@@ -268,6 +268,13 @@ class LatentAdversary:
         for u in self.units.values():
             u.requires_grad_(False)
 
+    def padded(self, rows: int) -> None:
+        """Extend the (frozen) perturbation with zero rows up to ``rows`` examples: the attacked
+        examples come first in a batch whose other examples pass unperturbed in the same forward."""
+        extra = rows - self.mask.shape[0]
+        self.mask = torch.cat([self.mask, self.mask.new_zeros(extra, self.mask.shape[1])])
+        self.units = {name: torch.cat([u, u.new_zeros(extra, *u.shape[1:])]) for name, u in self.units.items()}
+
     def norms(self) -> dict:
         """Mean per-token ||delta_t||_2 of each site over the perturbed positions."""
         with torch.no_grad():

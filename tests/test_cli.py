@@ -285,10 +285,12 @@ def test_smollm2_harmbench_fragment_stacks_on_a_smollm2_config():
     shipped = os.path.join(os.path.dirname(__file__), "..", "configs", "smollm2")
     cli = main(["--config", os.path.join(shipped, "evaluate.yaml"), "--config",
                 os.path.join(shipped, "harmbench.yaml")], run=False)
-    assert cli.datamodule.test_splits == {"harmbench": ["harmbench:test"], "overrefusal": ["overrefusal:all"]}
+    assert cli.datamodule.test_splits == {"harmbench": ["smollm2:harmbench_test"], "overrefusal": ["overrefusal:all"]}
     suite = next(cb for cb in cli.trainer.callbacks if isinstance(cb, SafetyEvaluation))
-    assert suite.judge_name == "refusal_offline" and [a.name for a in suite.attacks] == ["direct", "sampled"]
-    assert suite.fidelity is None and cli.model.hparams.base_model == "smollm2"
+    assert suite.judge_name == "refusal_offline"
+    assert [a.name for a in suite.attacks] == ["direct", "sampled", "embedding"]
+    assert suite.attack_splits == {"embedding": ["harmbench"]}  # not the SmolLM2 suite's split names
+    assert suite.fidelity is not None and cli.model.hparams.base_model == "smollm2"
 
 
 @pytest.mark.parametrize("name", ["triplet_paper", "triplet_released", "circuit_breaker", "lat_jailbreak", "refat"])

@@ -102,3 +102,40 @@ def test_triplet_terms_read_only_the_chosen_positions(harmful_batch, positions):
         after = module.compute_losses({stream: {"completion": s} for stream, s in changed.items()})
     same = all(torch.allclose(before[k], after[k]) for k in ("loss_benign", "loss_harmful"))
     assert same == (positions == "prompt")
+
+
+def test_latent_miner_restores_harmful_completions_within_its_radius_and_only_on_mined_rows(harmful_batch):
+    module = TripletDefenseModule(layers_benign=[0, 1], layers_harmful=[1], mining=True, miner="latent",
+                                  mining_interval=1, mining_steps=8, mining_lr=0.25, mining_fraction=0.5,
+                                  mining_layers=["embedding", 0], mining_epsilon=2.0)
+    module.configure_model()
+    module.calibration = module.calibrate(harmful_batch)
+    assert set(module.calibration) == {"site_norm/embedding", "site_norm/0"}
+    module.train()
+    logged = {}
+    module.log_dict = lambda values, **_: logged.update(values)
+    module.compute_losses(harmful_batch)["loss"].backward()
+    with_grad = {n for n, p in module.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora_" in n for n in with_grad)
+    assert logged["train/mining_loss_last"] < logged["train/mining_loss_first"]
+    site = "embedding" if logged["train/mining_layer"] == -1.0 else 0
+    assert logged["train/mining_radius"] == pytest.approx(2.0 * float(module.calibration[f"site_norm/{site}"]))
+    delta = module.latent.delta(site)
+    rows = harmful_batch["harmful"]["completion"]["input_ids"].shape[0]
+    assert delta.shape[0] == rows and torch.all(delta[rows // 2:] == 0)  # clean rows pass unperturbed
+    assert delta.norm(dim=-1).max() <= logged["train/mining_radius"] * (1 + 1e-5)
+    prompt = harmful_batch["harmful"]["completion"]["prompt_mask"][: rows // 2]
+    assert torch.all(delta[: rows // 2][~prompt.bool()] == 0)  # prompt positions only
+    module.eval()
+    module.compute_losses(harmful_batch)
+    assert module.latent is None  # validation is never attacked
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"miner": "latent", "mining_interval": 30}, "mining_interval: the latent miner .* set mining_interval: 1"),
+    ({"mining_layers": ["embedding"]}, "model.mining_layers: the residual miner acts after decoder layers"),
+    ({"miner": "latent", "mining_interval": 1, "mining_layers": ["resid"]}, "model.mining_layers: unknown attack site"),
+])
+def test_bad_miner_settings_are_one_line_errors(options, message):
+    with pytest.raises((ValueError, BackboneError), match=message):
+        TripletDefenseModule(layers_benign=[1], layers_harmful=[1], mining=True, **options).configure_model()

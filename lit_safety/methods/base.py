@@ -21,6 +21,7 @@ weights in checkpoints and exports a PEFT adapter directory at the end of ``fit`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from collections.abc import Sequence
@@ -151,6 +152,20 @@ class SafetyModule(L.LightningModule):
     def reference(self):
         """Context in which ``self.model`` is the frozen reference (adapters off, no grad, no dropout)."""
         return backbone.reference(self.model)
+
+    @contextlib.contextmanager
+    def adapters_frozen(self):
+        """Context for an inner adversary loop, which differentiates its perturbation only: with the
+        adapters frozen, the forward keeps nothing for their gradients. (Not under sharding, where
+        requires_grad belongs to the shards and their gathered copies alike.)"""
+        adapters = [] if self._sharded() else [p for p in self.trainable_parameters() if p.requires_grad]
+        for p in adapters:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in adapters:
+                p.requires_grad_(True)
 
     @property
     def total_steps(self) -> int:

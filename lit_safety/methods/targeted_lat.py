@@ -10,7 +10,6 @@ adversary and the model optimise is the ``objective`` (``lit_safety.methods.lat_
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -136,20 +135,6 @@ class TargetedLATModule(SafetyModule):
                 mask = mask | _pad_to(refusal["attention_mask"], length)
         return mask if self.adversary.tokens is None else sample_positions(mask, self.adversary.tokens)
 
-    @contextlib.contextmanager
-    def _adapters_frozen(self):
-        """The inner loop differentiates the perturbation only: with the adapters frozen, the forward
-        keeps nothing for their gradients. (Not under sharding, where requires_grad belongs to the
-        shards and their gathered copies alike.)"""
-        adapters = [] if self._sharded() else [p for p in self.trainable_parameters() if p.requires_grad]
-        for p in adapters:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p in adapters:
-                p.requires_grad_(True)
-
     def compute_losses(self, batch: SafetyBatch) -> dict[str, Tensor]:
         adversary_loss, model_loss = self.objective.losses(self, batch)
         adversary = LatentAdversary(self.model, self.adversary.layers, self._adversary_mask(batch), self.radii())
@@ -160,7 +145,7 @@ class TargetedLATModule(SafetyModule):
                 # batch mean's gradient does not shrink with it (Adam's epsilon would then make the
                 # step depend on the number of examples per process).
                 examples = adversary.mask.shape[0]
-                with self._adapters_frozen():
+                with self.adapters_frozen():
                     losses = adversary.optimise(lambda: examples * adversary_loss(), self.adversary.steps,
                                                 self.adversary.lr)
                 losses = [loss / examples for loss in losses]

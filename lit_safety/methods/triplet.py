@@ -7,8 +7,13 @@ Per step, with h the reference states (adapters off) and h' the trained states a
   from where the reference had them,
 - KL term: T^2 KL(p_ref / T || p' / T) on benign logits;
 total = alpha L_b + beta L_h + gamma L_KL (``benign_weight``, ``harmful_weight``, ``kl_weight``), with
-mu_h the masked mean of the trained model's harmful states over the (global) batch. Optionally, a residual attack module trained to restore harmful completions
-supplies hard negatives for a fraction of the harmful examples.
+mu_h the masked mean of the trained model's harmful states over the (global) batch.
+
+Optionally (``mining``), an adversary trained to restore the harmful completions supplies hard
+negatives for a fraction of the harmful examples: the paper's residual module (``miner: residual``,
+h -> h + W h + b after one layer, trained every ``mining_interval`` steps and reused between), or
+targeted LAT's latent adversary (``miner: latent``: a per-token L2-bounded perturbation of the prompt
+positions at one site, a decoder layer or the embeddings, fitted to each batch's own examples).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lit_safety.adversaries import ResidualAttack, dropped, finite
+from lit_safety.adversaries import LatentAdversary, ResidualAttack, check_sites, dropped, finite, site_norms
 from lit_safety.backbone import BackboneError
 from lit_safety.distributed import global_masked_mean
 from lit_safety.losses import distance, kl_divergence, masked_mean, toward, triplet_loss
@@ -52,14 +57,20 @@ class TripletDefenseModule(SafetyModule):
         temperature: KL temperature T.
         positions: tokens the triplet terms average over: "completion", "prompt" or "all".
         mining: enable adversarial hard negative mining.
-        mining_interval: optimizer steps between fresh attack modules (paper: 30).
-        mining_steps: Adam steps that train each attack module.
-        mining_lr: learning rate of the attack module.
+        miner: "residual" (the paper's module) or "latent" (LAT's per-token L2 adversary on the prompt).
+        mining_interval: optimizer steps between fresh residual modules (paper: 30); the latent miner
+            perturbs each batch's own examples, so it mines every step and needs 1.
+        mining_steps: Adam steps that train each adversary.
+        mining_lr: the residual module's Adam learning rate; the latent miner's step as a fraction of
+            its radius (as LAT's ``lr``).
         mining_fraction: fraction of harmful examples whose states come from the attacked model
             (paper: 0.3).
-        mining_layers: decoder layers from which the attack module's position is drawn; each must be
-            before the deepest triplet layer, or the module could not change any state used.
-        mining_seed: seed of the mining layer draws.
+        mining_layers: sites from which the adversary's position is drawn: decoder layers (and, for the
+            latent miner, "embedding"); each must be before the deepest triplet layer, or the
+            adversary could not change any state used.
+        mining_epsilon: the latent miner's per-token L2 radius, in units of the site's mean reference
+            activation norm (calibrated on the first batch).
+        mining_seed: seed of the mining site draws.
         **kwargs: model, LoRA and optimiser settings of ``SafetyModule``.
     """
 
@@ -83,11 +94,13 @@ class TripletDefenseModule(SafetyModule):
         temperature: float = 2.0,
         positions: Positions = "completion",
         mining: bool = False,
+        miner: Literal["residual", "latent"] = "residual",
         mining_interval: int = 30,
         mining_steps: int = 30,
         mining_lr: float = 1e-3,
         mining_fraction: float = 0.3,
-        mining_layers: list[int] = [0, 1],  # noqa: B006
+        mining_layers: list[int | str] = [0, 1],  # noqa: B006
+        mining_epsilon: float = 0.5,
         mining_seed: int = 0,
         **kwargs,
     ):
@@ -101,8 +114,14 @@ class TripletDefenseModule(SafetyModule):
             raise ValueError("benign_weight, harmful_weight and kl_weight must be >= 0")
         if mining_interval < 1 or mining_steps < 0:
             raise ValueError("mining_interval must be >= 1 and mining_steps >= 0")
+        if mining and miner == "latent" and mining_interval != 1:
+            raise ValueError(f"mining_interval: the latent miner perturbs each batch's own examples and mines every "
+                             f"step; set mining_interval: 1 (got {mining_interval})")
+        if mining_epsilon <= 0:
+            raise ValueError(f"mining_epsilon must be > 0, got {mining_epsilon}")
         self.rng = random.Random(mining_seed)
         self.miner: ResidualAttack | None = None  # not a parameter: checkpointed by training_state
+        self.latent: LatentAdversary | None = None  # this step's latent perturbation (belongs to its batch)
         self._mined_at_step = -1
         self._restored_miner: dict | None = None
 
@@ -111,12 +130,29 @@ class TripletDefenseModule(SafetyModule):
         self.resolve(hp.layers_benign, "model.layers_benign")
         deepest = max(self.resolve(hp.layers_harmful, "model.layers_harmful") + self.resolve(hp.layers_benign))
         if hp.mining:
-            mining = self.resolve(hp.mining_layers, "model.mining_layers")
+            if hp.miner == "residual" and not all(isinstance(layer, int) for layer in hp.mining_layers):
+                raise BackboneError(f"model.mining_layers: the residual miner acts after decoder layers, got "
+                                    f"{hp.mining_layers}")
+            try:
+                sites = check_sites(hp.mining_layers, num_layers)
+            except ValueError as e:
+                raise BackboneError(f"model.mining_layers: {e}") from None
+            mining = [-1 if site == "embedding" else site for site in sites]
             if max(mining) >= deepest:
                 raise BackboneError(
                     f"mining_layers {hp.mining_layers} must lie before the deepest triplet layer ({deepest}): "
                     "an attack module after it changes no state the triplet terms see"
                 )
+
+    def calibrate(self, batch) -> dict[str, Tensor]:
+        hp = self.hparams
+        if not (hp.mining and hp.miner == "latent"):
+            return {}
+        harmful = batch["harmful"]["completion"]
+        with self.reference():
+            norms = site_norms(self.model, hp.mining_layers, harmful["input_ids"], harmful["attention_mask"],
+                               harmful["prompt_mask"])
+        return {f"site_norm/{site}": torch.tensor(norm) for site, norm in norms.items()}
 
     def training_state(self) -> dict:
         miner = None if self.miner is None else {"layer": self.miner.layer, "weight": self.miner.weight.detach().cpu(),
@@ -156,12 +192,42 @@ class TripletDefenseModule(SafetyModule):
             logged.update({"train/mining_loss_first": finite(losses)[0], "train/mining_loss_last": finite(losses)[-1]})
         self.log_dict(logged, batch_size=harmful["input_ids"].shape[0])
 
+    def _mine_latent(self, harmful: dict) -> None:
+        """Fit a latent perturbation of the first mined examples' prompts that makes the (unchanged)
+        LoRA model produce their harmful completions."""
+        hp = self.hparams
+        self.latent = None
+        rows = round(hp.mining_fraction * harmful["input_ids"].shape[0])
+        if not rows:
+            return
+        site = self.rng.choice(hp.mining_layers)
+        mined = {key: value[:rows] for key, value in harmful.items()}
+        radius = hp.mining_epsilon * float(self.calibration[f"site_norm/{site}"])
+        adversary = LatentAdversary(self.model, [site], mined["prompt_mask"], radius)
+        with adversary.attached(), self.adapters_frozen():
+            # Scaled by the examples, as LAT's: each example's perturbation follows its own loss.
+            losses = adversary.optimise(lambda: rows * toward(*completion_window(self.model, mined)), hp.mining_steps,
+                                        hp.mining_lr)
+        adversary.freeze()
+        adversary.padded(harmful["input_ids"].shape[0])
+        self.latent = adversary
+        logged = {"train/mining_layer": -1.0 if site == "embedding" else float(site), "train/mining_radius": radius,
+                  "train/mining_dropped_steps": float(dropped(losses)),
+                  "train/mining_norm": float(next(iter(adversary.norms().values())))}
+        if finite(losses):
+            logged.update({"train/mining_loss_first": finite(losses)[0] / rows,
+                           "train/mining_loss_last": finite(losses)[-1] / rows})
+        self.log_dict(logged, batch_size=harmful["input_ids"].shape[0])
+
     def _harmful_states(self, harmful: dict, layers: list[int]) -> dict[int, Tensor]:
         ids, attention = harmful["input_ids"], harmful["attention_mask"]
+        if self.latent is not None:  # attacked and clean rows in one forward
+            with self.latent.attached():
+                return forward_states(self.model, ids, attention, layers, logits=False)[0]
         mined = round(self.hparams.mining_fraction * ids.shape[0]) if self.miner is not None else 0
         if not mined:
             return forward_states(self.model, ids, attention, layers, logits=False)[0]
-        with self.miner.attached(self.model, rows=mined):  # attacked and clean rows in one forward
+        with self.miner.attached(self.model, rows=mined):
             return forward_states(self.model, ids, attention, layers, logits=False)[0]
 
     # ----- loss ------------------------------------------------------------------------------------
@@ -190,8 +256,11 @@ class TripletDefenseModule(SafetyModule):
         if self._restored_miner is not None:
             self._rebuild_restored_miner()
 
-        if hp.mining and self.training and self.global_step % hp.mining_interval == 0 \
-                and self._mined_at_step != self.global_step:
+        if not self.training:
+            self.latent = None
+        elif hp.mining and hp.miner == "latent":  # every batch, accumulated micro-batches included
+            self._mine_latent(harmful)
+        elif hp.mining and self.global_step % hp.mining_interval == 0 and self._mined_at_step != self.global_step:
             self._mined_at_step = self.global_step
             self._mine(harmful)
 
@@ -229,5 +298,5 @@ class TripletDefenseModule(SafetyModule):
             "loss_kl": out["loss_kl"],
             "distance/benign_to_reference": out["b_pos"], "distance/benign_to_harmful_mean": out["b_neg"],
             "distance/harmful_to_harmful_mean": out["h_pos"], "distance/harmful_to_reference": out["h_neg"],
-            "mining_fraction": torch.tensor(float(hp.mining_fraction if self.miner is not None else 0.0)),
+            "mining_fraction": torch.tensor(float(hp.mining_fraction if self.miner or self.latent else 0.0)),
         }
