@@ -31,6 +31,31 @@ def test_organism_table_runs_on_the_tiny_organism(tmp_path, quick_suite):
     assert again["methods"]["refusal_sft"]["train_seconds"]["mean"] == table["methods"]["refusal_sft"]["train_seconds"]["mean"]
 
 
+def test_frontier_measures_each_setting_of_a_methods_knob(tmp_path, quick_suite):
+    from benchmarks import frontier
+
+    frontier.main(["--methods", "refat", "--settings", "1.0", "--seeds", "1", "--n", "2", "--out", str(tmp_path),
+                   "--work", str(tmp_path / "work"), "--extra", "--trainer.max_steps=2", "--evaluation", quick_suite])
+    results = json.loads((tmp_path / "frontier.json").read_text())
+    assert set(results["points"]) == {"base", "refat"} and set(results["points"]["refat"]) == {"1.0"}
+    hparams = (tmp_path / "work" / "refat_1.0" / "seed0" / "hparams.yaml").read_text()
+    assert "ablation_probability: 1.0" in hparams  # the knob reached the run
+    assert results["points"]["refat"]["1.0"]["worst_case"]["heldout_synonym"]["values"][0] in (0.0, 0.5, 1.0)
+    assert "| refat" in (tmp_path / "frontier.md").read_text() and (tmp_path / "frontier.png").stat().st_size > 0
+
+
+def test_frontier_keeps_only_undominated_points():
+    from benchmarks.frontier import frontier
+
+    def p(asr, acc):
+        return {"worst_case": {"heldout_synonym": {"mean": asr}}, "benign_accuracy": {"A": {"mean": acc}}}
+
+    points = {"a": {"1": p(0.5, 0.9), "2": p(0.2, 0.8)}, "b": {"1": p(0.6, 0.85), "2": p(0.2, 0.9)}}
+    assert frontier(points) == {("b", "2")}  # b at 2 beats or ties every other point on both axes
+    points["b"]["2"] = p(0.3, 0.95)
+    assert frontier(points) == {("a", "2"), ("b", "2")}
+
+
 def test_smollm2_benchmark_runs_with_another_model_and_data(tmp_path, tiny_model_dir, data_files):
     streams = {k: {"sources": [v], "max_prompt_length": 16, "max_completion_length": 8} for k, v in data_files.items()}
     splits = {"harmful": [data_files["harmful"]], "benign": [data_files["benign"]], "borderline": [data_files["benign"]]}

@@ -1,0 +1,152 @@
+"""The organism frontier: per method, worst-case held-out ASR against chat benign accuracy over three
+settings of its main knob, several seeds each. Writes benchmarks/results/frontier.{json,md,png}.
+
+    python benchmarks/frontier.py                                  # every method, 3 settings x 3 seeds
+    python benchmarks/frontier.py --methods lat refat --seeds 1 --n 50
+
+Each (method, setting, seed) is trained and attacked as in benchmarks/organism_table.py (the same
+configs and suite, the knob passed on the command line); "base" is the aligned organism. Worst case:
+a behaviour counts if any attack of the suite broke it (exact judge, harm done). A setting is on a
+method's frontier when no other setting of any method has both lower worst-case ASR and higher chat
+benign accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import ROOT, atomic_write, spread, spread_cell
+from benchmarks.organism_table import METHODS, evaluate_method
+
+# method -> (its main knob, three settings: weaker to stronger)
+KNOBS = {
+    "refusal_sft": ("model.init_args.refusal_weight", [0.3, 1.0, 3.0]),
+    "circuit_breaker": ("model.init_args.coefficient_scale", [3.0, 10.0, 30.0]),
+    "lat": ("model.init_args.adversary.epsilon", [0.1, 0.3, 1.0]),
+    "lat_embedding": ("model.init_args.adversary.epsilon", [0.3, 1.0, 3.0]),
+    "triplet": ("model.init_args.margin_harmful", [0.5, 1.0, 2.0]),
+    "triplet_adv": ("model.init_args.mining_fraction", [0.1, 0.3, 0.6]),
+    "triplet_latent": ("model.init_args.mining_epsilon", [0.3, 1.0, 3.0]),
+    "refat": ("model.init_args.ablation_probability", [0.25, 0.5, 1.0]),
+}
+HELD_OUT = ("heldout_synonym", "heldout_concept")
+FORMATS = {"A": "chat", "B": "raw", "C": "system turn"}
+
+
+def point(runs: list[dict]) -> dict:
+    """One setting over its seeds: worst-case ASR per held-out split and benign accuracy per format."""
+    return {"worst_case": {s: spread([r["asr"]["worst_case"][s]["rate"] for r in runs]) for s in HELD_OUT},
+            "benign_accuracy": {f: spread([r["benign_accuracy"][f] for r in runs]) for f in FORMATS},
+            "train_seconds": spread([r["train_seconds"] or 0.0 for r in runs])}
+
+
+def frontier(points: dict, split: str = "heldout_synonym") -> set[tuple[str, str]]:
+    """(method, setting) pairs no other point beats on both worst-case ASR and chat benign accuracy."""
+    flat = {(m, s): (p["worst_case"][split]["mean"], p["benign_accuracy"]["A"]["mean"])
+            for m, settings in points.items() for s, p in settings.items()}
+    return {key for key, (asr, acc) in flat.items()
+            if not any(a <= asr and b >= acc and (a, b) != (asr, acc) for a, b in flat.values())}
+
+
+def markdown(points: dict, seeds: int, n: int) -> str:
+    base = points["base"]["-"]
+    on_frontier = frontier(points)
+    lines = [f"Organism frontier: worst-case ASR over the whole suite (exact judge) on held-out behaviours against "
+             f"benign accuracy; {n} behaviours per split, {seeds} seed(s), mean (min-max). * = on the frontier "
+             "(held-out synonyms against chat accuracy).", "",
+             "| method | knob = setting | worst case: synonyms | worst case: concepts | benign chat | raw | "
+             "system turn | train s |", "|---" * 8 + "|"]
+    for method, settings in points.items():
+        knob = KNOBS.get(method, ("-",))[0].rsplit(".", 1)[-1]
+        for setting, p in settings.items():
+            star = "*" if (method, setting) in on_frontier else ""
+            lines.append(f"| {method}{star} | {knob} = {setting} | {spread_cell(p['worst_case']['heldout_synonym'])} | "
+                         f"{spread_cell(p['worst_case']['heldout_concept'])} | "
+                         + " | ".join(spread_cell(p["benign_accuracy"][f]) for f in FORMATS)
+                         + f" | {p['train_seconds']['mean']:.0f} |")
+    lines += ["", "Best on each axis, among settings that keep chat benign accuracy within 1 point of the base "
+              f"({base['benign_accuracy']['A']['mean']:.2f}) and raw / system-turn within 3:", ""]
+    kept = {(m, s): p for m, settings in points.items() if m != "base" for s, p in settings.items()
+            if p["benign_accuracy"]["A"]["mean"] >= base["benign_accuracy"]["A"]["mean"] - 0.01
+            and all(p["benign_accuracy"][f]["mean"] >= base["benign_accuracy"][f]["mean"] - 0.03 for f in ("B", "C"))}
+    for split in HELD_OUT:
+        if kept:
+            (method, setting), p = min(kept.items(), key=lambda item: item[1]["worst_case"][split]["mean"])
+            lines.append(f"- {split}: {method} at {setting}, worst case {spread_cell(p['worst_case'][split])}")
+        else:
+            lines.append(f"- {split}: no setting keeps benign accuracy")
+    return "\n".join(lines) + "\n"
+
+
+def plot(points: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(HELD_OUT), figsize=(5 * len(HELD_OUT), 4), sharey=True)
+    for ax, split in zip(axes, HELD_OUT):
+        for method, settings in points.items():
+            xs = [p["benign_accuracy"]["A"] for p in settings.values()]
+            ys = [p["worst_case"][split] for p in settings.values()]
+            ax.errorbar([x["mean"] for x in xs], [y["mean"] for y in ys],
+                        xerr=[[x["mean"] - x["min"] for x in xs], [x["max"] - x["mean"] for x in xs]],
+                        yerr=[[y["mean"] - y["min"] for y in ys], [y["max"] - y["mean"] for y in ys]],
+                        marker="o", capsize=2, label=method)
+            for setting, x, y in zip(settings, xs, ys):
+                ax.annotate(str(setting), (x["mean"], y["mean"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_title(split)
+        ax.set_xlabel("benign accuracy, chat format")
+    axes[0].set_ylabel("worst-case ASR (exact judge)")
+    axes[0].set_ylim(-0.02, 1.05)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(points), 5), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.88))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(KNOBS), choices=list(KNOBS))
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
+    parser.add_argument("--n", type=int, default=100, help="behaviours per split (default 100)")
+    parser.add_argument("--settings", nargs="+", type=float, help="settings of the knob (default: its three in KNOBS)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--work", default=os.path.join(ROOT, "benchmarks", "results", "runs", "frontier"),
+                        help="log directories of every run (not committed); finished runs found here are reused")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                        help="options appended to every fit and test command")
+    args = parser.parse_args(argv)
+    os.makedirs(args.work, exist_ok=True)
+    points: dict[str, dict] = {}
+
+    def measure(method: str, config: str | None, setting, options: list[str]) -> None:
+        name = method if config is None else f"{method}_{setting}"
+        runs = [evaluate_method(name, config, seed, args.n, args.work, reuse=True, extra=(*options, *args.extra))
+                for seed in range(args.seeds)]
+        points.setdefault(method, {})[str(setting)] = point(runs)
+        write()
+
+    def write() -> None:  # after every setting: a stopped run keeps what it measured
+        stem = os.path.join(args.out, "frontier")
+        atomic_write(f"{stem}.json", json.dumps({"points": points, "seeds": args.seeds, "n": args.n}, indent=1))
+        atomic_write(f"{stem}.md", markdown(points, args.seeds, args.n))
+        plot(points, f"{stem}.png")
+
+    measure("base", None, "-", [])
+    for method in args.methods:
+        knob, settings = KNOBS[method]
+        for setting in args.settings or settings:
+            measure(method, METHODS[method], setting, [f"--{knob}={setting}"])
+    print(open(os.path.join(args.out, "frontier.md")).read())
+
+
+if __name__ == "__main__":
+    main()
