@@ -37,6 +37,7 @@ METHODS = {
     "triplet_adv": "configs/triplet_adv.yaml",
     "refat": "configs/refat.yaml",
     "triplet_latent": "configs/triplet_latent.yaml",
+    "triplet_suffix": "configs/triplet_suffix.yaml",
     "lat_embedding": "configs/lat_embedding.yaml",
 }
 SPLITS = ["train", "heldout_synonym", "heldout_concept", "format_b", "format_c"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -228,6 +228,43 @@ def project_per_token(delta: Tensor, epsilon: Tensor | float, mask: Tensor) -> T
     norms = delta.norm(dim=-1, keepdim=True)
     factor = torch.clamp(epsilon / norms.clamp_min(1e-12), max=1.0)
     return delta * factor * mask[..., None].to(delta.dtype)
+
+
+class SuffixSlots(NamedTuple):
+    """A batch with ``length`` slot tokens inserted into the prompts of its first rows (see
+    ``suffix_slots``): the new sequences, the slot positions, and the positions of the original
+    sequences (``kept``: ``length`` fewer per row) to read its states back at."""
+
+    sequences: dict
+    slots: Tensor
+    kept: Tensor
+
+    def original(self, states: Tensor) -> Tensor:
+        """[B, T + length, ...] states at the original batch's [B, T] positions."""
+        rows, width = self.kept.shape[0], self.kept.shape[1] - int(self.kept[0].logical_not().sum())
+        return states[self.kept].view(rows, width, *states.shape[2:])
+
+
+def suffix_slots(sequences: dict, rows: int, length: int, tail: int, token_id: int) -> SuffixSlots:
+    """``sequences`` (right-padded, with prompt and completion masks) with ``length`` copies of
+    ``token_id`` inserted in each of the first ``rows`` prompts ``tail`` tokens before the prompt ends
+    (the end of the user turn, before the template closes it: where a suffix attack puts its suffix);
+    the other rows get ``length`` padding positions at the end, so every row keeps one width."""
+    ids = sequences["input_ids"]
+    batch, width = ids.shape
+    new_width = width + length
+    column = torch.arange(new_width, device=ids.device).expand(batch, new_width)
+    mined = (torch.arange(batch, device=ids.device) < rows)[:, None]
+    at = (sequences["prompt_mask"].sum(-1, keepdim=True) - tail).clamp_min(0)
+    at = torch.where(mined, at, torch.full_like(at, width))
+    inserted = (column >= at) & (column < at + length)
+    # Position j of a new row reads old position j before the inserted ones and j - length after them.
+    source = torch.where(column < at, column, column - length).clamp(0, width - 1)
+    fill = {"input_ids": token_id, "attention_mask": mined, "prompt_mask": mined}  # else False (padding)
+    out = {key: torch.where(inserted, torch.as_tensor(fill.get(key, False), device=ids.device).to(value.dtype),
+                            value.gather(1, source))
+           for key, value in sequences.items()}
+    return SuffixSlots(out, inserted & mined, ~inserted)
 
 
 class LatentAdversary:

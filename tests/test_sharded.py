@@ -29,11 +29,14 @@ SAME_STEPS = ["--data.val_fraction=0", "--model.lora_dropout=0", "--model.dtype=
 METHODS = {
     "refusal_sft": [],
     "refat": ["--model.ablation_probability=0.5"],
-    "triplet_adv": ["--model.mining_fraction=0.5", "--model.mining_steps=3"],
+    "triplet_adv": ["--model.mining_fraction=0.5", "--model.mining_steps=3", "--model.mining_interval=2"],
+    "triplet_latent": ["--model.mining_fraction=0.5", "--model.mining_steps=2"],
+    "triplet_suffix": ["--model.mining_fraction=0.5", "--model.mining_steps=2", "--model.mining_suffix_init=ok"],
     "lat": ["--model.adversary.layers=[0, 1]", "--model.adversary.steps=2"],
     "circuit_breaker": [],
 }
 TOLERANCE = 1e-5  # relative, per adapter tensor
+INNER_LOOP = ("lat", "triplet_adv", "triplet_latent", "triplet_suffix")  # refused under FSDP (one backward per forward)
 
 
 
@@ -102,15 +105,18 @@ def _launch(strategy: str, runs: dict, out) -> None:
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp2"])
 def test_two_processes_train_like_one(strategy, tiny_args_module, single_process, tmp_path):
-    methods = [m for m in METHODS if not (strategy == "fsdp" and m == "lat")]  # refused: see the next test
+    # Refused under FSDP: see the next test.
+    methods = [m for m in METHODS if not (strategy == "fsdp" and m in INNER_LOOP)]
     runs = {method: _args(tiny_args_module, method, str(tmp_path / f"{method}_logs")) for method in methods}
-    # Checkpoint and resume: the triplet run also checkpoints at step 2; a second run resumes there.
+    # Checkpoint and resume: the mining triplet run (ReFAT's under FSDP) also checkpoints at step 2; a
+    # second run resumes there.
+    resumable = "triplet_adv" if "triplet_adv" in methods else "refat"
     every = tmp_path / "every"
-    runs["triplet_adv"] += ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+    runs[resumable] += ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
                             "--trainer.callbacks.every_n_train_steps=2", "--trainer.callbacks.save_top_k=-1",
                             f"--trainer.callbacks.dirpath={every}"]
     step2 = every / "epoch=0-step=2.ckpt"  # a file, or under FSDP2 a directory of shards
-    runs["resumed"] = [*_args(tiny_args_module, "triplet_adv", str(tmp_path / "resumed_logs")), f"--ckpt_path={step2}"]
+    runs["resumed"] = [*_args(tiny_args_module, resumable, str(tmp_path / "resumed_logs")), f"--ckpt_path={step2}"]
     if strategy == "fsdp2":
         runs.update({config: _paper_scale_args(tiny_args_module, config, str(tmp_path / "paper_logs"))
                      for config in PAPER_SCALE})
@@ -128,7 +134,7 @@ def test_two_processes_train_like_one(strategy, tiny_args_module, single_process
         assert exported.keys() == gathered.keys()
         assert all(torch.equal(exported[k], gathered[k]) for k in gathered), method
 
-    uninterrupted = torch.load(tmp_path / "triplet_adv" / "rank0.pt")["adapters"]
+    uninterrupted = torch.load(tmp_path / resumable / "rank0.pt")["adapters"]
     for r in (0, 1):
         resumed = torch.load(tmp_path / "resumed" / f"rank{r}.pt")["adapters"]
         assert _relative_gap(resumed, uninterrupted) < TOLERANCE
@@ -139,9 +145,9 @@ def test_two_processes_train_like_one(strategy, tiny_args_module, single_process
     assert _relative_gap(at_step2, uninterrupted) > 1e-3  # the resumed run had a step to take
 
 
-def test_targeted_lat_under_fsdp_is_refused_before_training(tiny_args, tmp_path):
-    # Its inner loop's backward passes break FSDP's per-forward hook state (the update is 0.2 off).
-    config = os.path.join(CONFIGS, "lat.yaml")
+@pytest.mark.parametrize("method", INNER_LOOP)
+def test_inner_adversary_loops_under_fsdp_are_refused_before_training(method, tiny_args, tmp_path):
+    # Their backward passes break FSDP's per-forward hook state (the update is 0.07-0.3 off).
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", config, *tiny_args, *STRATEGIES["fsdp"], "--trainer.max_steps=1"])
-    assert "TargetedLATModule under FSDPStrategy" in str(exit_info.value).splitlines()[0]
+        main(["fit", *_args(tiny_args, method, str(tmp_path)), *STRATEGIES["fsdp"], "--trainer.max_steps=1"])
+    assert "under FSDPStrategy: its inner adversary loop" in str(exit_info.value).splitlines()[0]

@@ -135,7 +135,62 @@ def test_latent_miner_restores_harmful_completions_within_its_radius_and_only_on
     ({"miner": "latent", "mining_interval": 30}, "mining_interval: the latent miner .* set mining_interval: 1"),
     ({"mining_layers": ["embedding"]}, "model.mining_layers: the residual miner acts after decoder layers"),
     ({"miner": "latent", "mining_interval": 1, "mining_layers": ["resid"]}, "model.mining_layers: unknown attack site"),
+    ({"miner": "suffix", "mining_interval": 1, "mining_suffix_length": 0}, "mining_suffix_length must be >= 1"),
+    ({"miner": "suffix", "mining_interval": 1, "mining_suffix_init": "zzqx"}, "mining_suffix_init: 'zzqx' is not in"),
 ])
 def test_bad_miner_settings_are_one_line_errors(options, message):
     with pytest.raises((ValueError, BackboneError), match=message):
         TripletDefenseModule(layers_benign=[1], layers_harmful=[1], mining=True, **options).configure_model()
+
+
+def test_suffix_miner_attacks_through_soft_vectors_at_the_end_of_the_user_turn(harmful_batch):
+    from lit_safety.representations import forward_states
+
+    module = TripletDefenseModule(layers_benign=[0, 1], layers_harmful=[1], mining=True, miner="suffix",
+                                  mining_interval=1, mining_steps=8, mining_lr=0.25, mining_fraction=0.5,
+                                  mining_epsilon=3.0, mining_suffix_length=4, mining_suffix_init="please")
+    module.configure_model()
+    module.calibration = module.calibrate(harmful_batch)
+    assert set(module.calibration) == {"site_norm/embedding"}
+    module.train()
+    logged = {}
+    module.log_dict = lambda values, **_: logged.update(values)
+    module.compute_losses(harmful_batch)["loss"].backward()
+    assert all("lora_" in n for n, p in module.named_parameters() if p.grad is not None)
+    assert logged["train/mining_loss_last"] < logged["train/mining_loss_first"] and logged["train/mining_layer"] == -1.0
+    # The slots: four "please" tokens right before the template closes the user turn, in the mined rows only.
+    harmful = harmful_batch["harmful"]["completion"]
+    rows = harmful["input_ids"].shape[0]
+    slotted = module.slotted
+    first = slotted.sequences["input_ids"][0][slotted.sequences["prompt_mask"][0]]
+    text = module.tokenizer.decode(first)
+    original = module.tokenizer.decode(harmful["input_ids"][0][harmful["prompt_mask"][0]])
+    tail, bang = module._suffix_slot
+    assert text.replace(" please please please please", "", 1) == original and tail > 0 and first[-tail - 1] == bang
+    assert slotted.slots[: rows // 2].sum(-1).tolist() == [4] * (rows // 2) and not slotted.slots[rows // 2:].any()
+    # Clean rows' states, read back at their positions, are those of the batch without slots.
+    with torch.no_grad():
+        attacked = module._harmful_states(harmful, [1])[1]
+        clean = forward_states(module.model, harmful["input_ids"], harmful["attention_mask"], [1], logits=False)[0][1]
+    keep = harmful["attention_mask"][rows // 2:]
+    torch.testing.assert_close(attacked[rows // 2:][keep], clean[rows // 2:][keep], atol=1e-5, rtol=1e-5)
+    assert (attacked[: rows // 2] - clean[: rows // 2]).abs().max() > 1e-3  # the mined rows are attacked
+
+
+def test_suffix_slots_by_hand():
+    from lit_safety.adversaries import suffix_slots
+
+    prompt = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    attention = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    sequences = {"input_ids": torch.tensor([[1, 2, 3, 9, 8, 0], [4, 5, 6, 9, 8, 7]]), "attention_mask": attention,
+                 "prompt_mask": prompt, "completion_mask": attention & ~prompt}
+    # Two slots in the first row, one template token (3) before its prompt ends; the second row is
+    # padded by two at the end.
+    out = suffix_slots(sequences, rows=1, length=2, tail=1, token_id=77)
+    assert out.sequences["input_ids"].tolist() == [[1, 2, 77, 77, 3, 9, 8, 0], [4, 5, 6, 9, 8, 7, 77, 77]]
+    assert out.sequences["attention_mask"].int().tolist() == [[1, 1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 0, 0]]
+    assert out.sequences["prompt_mask"].int().tolist() == [[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]]
+    assert out.sequences["completion_mask"].int().tolist() == [[0, 0, 0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1, 0, 0]]
+    assert out.slots.int().tolist() == [[0, 0, 1, 1, 0, 0, 0, 0], [0] * 8]
+    states = torch.arange(16.0).view(2, 8, 1)
+    assert out.original(states).squeeze(-1).tolist() == [[0, 1, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13]]

@@ -153,6 +153,15 @@ class SafetyModule(L.LightningModule):
         """Context in which ``self.model`` is the frozen reference (adapters off, no grad, no dropout)."""
         return backbone.reference(self.model)
 
+    def refuse_fsdp1_inner_loop(self) -> None:
+        """Raise if training under ``FSDPStrategy``: FSDP's backward hooks assume one backward per
+        forward of a wrapped module, and an inner adversary loop's backward passes leave them in a state
+        where the model's next update comes out wrong. FSDP2 keeps no such state."""
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError(f"{type(self).__name__} under FSDPStrategy: its inner adversary loop does not train "
+                             "correctly under FSDP; shard with FSDP2 (lightning.pytorch.strategies."
+                             "ModelParallelStrategy) or use DDP")
+
     @contextlib.contextmanager
     def adapters_frozen(self):
         """Context for an inner adversary loop, which differentiates its perturbation only: with the

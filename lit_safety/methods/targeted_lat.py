@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
 from lit_safety.adversaries import (
@@ -95,12 +94,8 @@ class TargetedLATModule(SafetyModule):
         return self.objective.stream_fields
 
     def setup(self, stage: str) -> None:
-        # FSDP's backward hooks assume one backward per forward of the wrapped module; the inner
-        # loop's backward passes leave them in a state where the model's update comes out wrong.
-        # FSDP2 keeps no such state.
-        if isinstance(self.trainer.strategy, FSDPStrategy) and self.adversary.steps > 0:
-            raise ValueError("TargetedLATModule under FSDPStrategy: its inner loop does not train correctly under "
-                             "FSDP; shard with FSDP2 (lightning.pytorch.strategies.ModelParallelStrategy) or use DDP")
+        if self.adversary.steps > 0:
+            self.refuse_fsdp1_inner_loop()
 
     def validate_layers(self, num_layers: int) -> None:
         try:

@@ -13,20 +13,34 @@ Optionally (``mining``), an adversary trained to restore the harmful completions
 negatives for a fraction of the harmful examples: the paper's residual module (``miner: residual``,
 h -> h + W h + b after one layer, trained every ``mining_interval`` steps and reused between), or
 targeted LAT's latent adversary (``miner: latent``: a per-token L2-bounded perturbation of the prompt
-positions at one site, a decoder layer or the embeddings, fitted to each batch's own examples).
+positions at one site, a decoder layer or the embeddings, fitted to each batch's own examples), or the
+suite's embedding attack (``miner: suffix``: soft suffix vectors at the end of the user turn,
+optimised toward the harmful answer).
 """
 
 from __future__ import annotations
 
 import random
+from functools import cached_property
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from lit_safety.adversaries import LatentAdversary, ResidualAttack, check_sites, dropped, finite, site_norms
+from lit_safety.adversaries import (
+    LatentAdversary,
+    ResidualAttack,
+    SuffixSlots,
+    check_sites,
+    dropped,
+    finite,
+    site_norms,
+    suffix_slots,
+)
 from lit_safety.backbone import BackboneError
+from lit_safety.data.formatting import ChatFormatter
 from lit_safety.distributed import global_masked_mean
+from lit_safety.evaluation.suffix import SENTINEL
 from lit_safety.losses import distance, kl_divergence, masked_mean, toward, triplet_loss
 from lit_safety.methods.base import SafetyModule
 from lit_safety.representations import completion_window, forward_states, joint_forward_states, position_mask
@@ -57,9 +71,12 @@ class TripletDefenseModule(SafetyModule):
         temperature: KL temperature T.
         positions: tokens the triplet terms average over: "completion", "prompt" or "all".
         mining: enable adversarial hard negative mining.
-        miner: "residual" (the paper's module) or "latent" (LAT's per-token L2 adversary on the prompt).
-        mining_interval: optimizer steps between fresh residual modules (paper: 30); the latent miner
-            perturbs each batch's own examples, so it mines every step and needs 1.
+        miner: "residual" (the paper's module), "latent" (LAT's per-token L2 adversary on the prompt) or
+            "suffix" (``mining_suffix_length`` soft vectors at the end of the user turn, starting as the
+            ``mining_suffix_init`` token, each within ``mining_epsilon`` of its start: the suite's
+            embedding attack).
+        mining_interval: optimizer steps between fresh residual modules (paper: 30); the latent and
+            suffix miners perturb each batch's own examples, so they mine every step and need 1.
         mining_steps: Adam steps that train each adversary.
         mining_lr: the residual module's Adam learning rate; the latent miner's step as a fraction of
             its radius (as LAT's ``lr``).
@@ -68,8 +85,10 @@ class TripletDefenseModule(SafetyModule):
         mining_layers: sites from which the adversary's position is drawn: decoder layers (and, for the
             latent miner, "embedding"); each must be before the deepest triplet layer, or the
             adversary could not change any state used.
-        mining_epsilon: the latent miner's per-token L2 radius, in units of the site's mean reference
-            activation norm (calibrated on the first batch).
+        mining_epsilon: the latent and suffix miners' per-token L2 radius, in units of the site's mean
+            reference activation norm (calibrated on the first batch).
+        mining_suffix_length: soft suffix vectors of the suffix miner.
+        mining_suffix_init: the text whose first token every suffix vector starts as.
         mining_seed: seed of the mining site draws.
         **kwargs: model, LoRA and optimiser settings of ``SafetyModule``.
     """
@@ -94,13 +113,15 @@ class TripletDefenseModule(SafetyModule):
         temperature: float = 2.0,
         positions: Positions = "completion",
         mining: bool = False,
-        miner: Literal["residual", "latent"] = "residual",
+        miner: Literal["residual", "latent", "suffix"] = "residual",
         mining_interval: int = 30,
         mining_steps: int = 30,
         mining_lr: float = 1e-3,
         mining_fraction: float = 0.3,
         mining_layers: list[int | str] = [0, 1],  # noqa: B006
         mining_epsilon: float = 0.5,
+        mining_suffix_length: int = 10,
+        mining_suffix_init: str = "!",
         mining_seed: int = 0,
         **kwargs,
     ):
@@ -114,16 +135,23 @@ class TripletDefenseModule(SafetyModule):
             raise ValueError("benign_weight, harmful_weight and kl_weight must be >= 0")
         if mining_interval < 1 or mining_steps < 0:
             raise ValueError("mining_interval must be >= 1 and mining_steps >= 0")
-        if mining and miner == "latent" and mining_interval != 1:
-            raise ValueError(f"mining_interval: the latent miner perturbs each batch's own examples and mines every "
+        if mining and miner != "residual" and mining_interval != 1:
+            raise ValueError(f"mining_interval: the {miner} miner perturbs each batch's own examples and mines every "
                              f"step; set mining_interval: 1 (got {mining_interval})")
+        if mining_suffix_length < 1:
+            raise ValueError(f"mining_suffix_length must be >= 1, got {mining_suffix_length}")
         if mining_epsilon <= 0:
             raise ValueError(f"mining_epsilon must be > 0, got {mining_epsilon}")
         self.rng = random.Random(mining_seed)
         self.miner: ResidualAttack | None = None  # not a parameter: checkpointed by training_state
         self.latent: LatentAdversary | None = None  # this step's latent perturbation (belongs to its batch)
+        self.slotted: SuffixSlots | None = None  # this step's harmful batch with the suffix miner's slots
         self._mined_at_step = -1
         self._restored_miner: dict | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.mining and self.hparams.mining_steps > 0:
+            self.refuse_fsdp1_inner_loop()
 
     def validate_layers(self, num_layers: int) -> None:
         hp = self.hparams
@@ -134,9 +162,11 @@ class TripletDefenseModule(SafetyModule):
                 raise BackboneError(f"model.mining_layers: the residual miner acts after decoder layers, got "
                                     f"{hp.mining_layers}")
             try:
-                sites = check_sites(hp.mining_layers, num_layers)
+                sites = check_sites(self._sites(), num_layers)
             except ValueError as e:
                 raise BackboneError(f"model.mining_layers: {e}") from None
+            if hp.miner == "suffix":
+                self._suffix_slot  # noqa: B018 - an init text outside the vocabulary fails here, before training
             mining = [-1 if site == "embedding" else site for site in sites]
             if max(mining) >= deepest:
                 raise BackboneError(
@@ -144,13 +174,16 @@ class TripletDefenseModule(SafetyModule):
                     "an attack module after it changes no state the triplet terms see"
                 )
 
+    def _sites(self) -> list[int | str]:
+        return ["embedding"] if self.hparams.miner == "suffix" else list(self.hparams.mining_layers)
+
     def calibrate(self, batch) -> dict[str, Tensor]:
         hp = self.hparams
-        if not (hp.mining and hp.miner == "latent"):
+        if not (hp.mining and hp.miner != "residual"):
             return {}
         harmful = batch["harmful"]["completion"]
         with self.reference():
-            norms = site_norms(self.model, hp.mining_layers, harmful["input_ids"], harmful["attention_mask"],
+            norms = site_norms(self.model, self._sites(), harmful["input_ids"], harmful["attention_mask"],
                                harmful["prompt_mask"])
         return {f"site_norm/{site}": torch.tensor(norm) for site, norm in norms.items()}
 
@@ -192,18 +225,35 @@ class TripletDefenseModule(SafetyModule):
             logged.update({"train/mining_loss_first": finite(losses)[0], "train/mining_loss_last": finite(losses)[-1]})
         self.log_dict(logged, batch_size=harmful["input_ids"].shape[0])
 
+    @cached_property
+    def _suffix_slot(self) -> tuple[int, int]:
+        """(template tokens after the user's content, the first token of ``mining_suffix_init``): where
+        suffix slots go and what they start as, as in the suite's embedding attack."""
+        tokenizer = self.tokenizer
+        text = ChatFormatter(tokenizer).prompt_text([{"role": "user", "content": SENTINEL}])
+        init = tokenizer(self.hparams.mining_suffix_init, add_special_tokens=False)["input_ids"]
+        if not init or init[0] == tokenizer.unk_token_id:
+            raise ValueError(f"mining_suffix_init: {self.hparams.mining_suffix_init!r} is not in the tokenizer's "
+                             "vocabulary")
+        return len(tokenizer(text.split(SENTINEL)[1], add_special_tokens=False)["input_ids"]), init[0]
+
     def _mine_latent(self, harmful: dict) -> None:
-        """Fit a latent perturbation of the first mined examples' prompts that makes the (unchanged)
-        LoRA model produce their harmful completions."""
+        """Fit a latent perturbation (or soft suffix) of the first mined examples' prompts that makes
+        the (unchanged) LoRA model produce their harmful completions."""
         hp = self.hparams
-        self.latent = None
+        self.latent = self.slotted = None
         rows = round(hp.mining_fraction * harmful["input_ids"].shape[0])
         if not rows:
             return
-        site = self.rng.choice(hp.mining_layers)
+        site = self.rng.choice(self._sites())
         mined = {key: value[:rows] for key, value in harmful.items()}
+        mask = mined["prompt_mask"]
+        if hp.miner == "suffix":
+            self.slotted = suffix_slots(harmful, rows, hp.mining_suffix_length, *self._suffix_slot)
+            mined = {key: value[:rows] for key, value in self.slotted.sequences.items()}
+            mask = self.slotted.slots[:rows]
         radius = hp.mining_epsilon * float(self.calibration[f"site_norm/{site}"])
-        adversary = LatentAdversary(self.model, [site], mined["prompt_mask"], radius)
+        adversary = LatentAdversary(self.model, [site], mask, radius)
         with adversary.attached(), self.adapters_frozen():
             # Scaled by the examples, as LAT's: each example's perturbation follows its own loss.
             losses = adversary.optimise(lambda: rows * toward(*completion_window(self.model, mined)), hp.mining_steps,
@@ -222,8 +272,12 @@ class TripletDefenseModule(SafetyModule):
     def _harmful_states(self, harmful: dict, layers: list[int]) -> dict[int, Tensor]:
         ids, attention = harmful["input_ids"], harmful["attention_mask"]
         if self.latent is not None:  # attacked and clean rows in one forward
+            slotted = self.slotted
+            if slotted is not None:  # read back at the original positions, the reference's
+                ids, attention = slotted.sequences["input_ids"], slotted.sequences["attention_mask"]
             with self.latent.attached():
-                return forward_states(self.model, ids, attention, layers, logits=False)[0]
+                states = forward_states(self.model, ids, attention, layers, logits=False)[0]
+            return {layer: slotted.original(h) for layer, h in states.items()} if slotted is not None else states
         mined = round(self.hparams.mining_fraction * ids.shape[0]) if self.miner is not None else 0
         if not mined:
             return forward_states(self.model, ids, attention, layers, logits=False)[0]
@@ -257,8 +311,8 @@ class TripletDefenseModule(SafetyModule):
             self._rebuild_restored_miner()
 
         if not self.training:
-            self.latent = None
-        elif hp.mining and hp.miner == "latent":  # every batch, accumulated micro-batches included
+            self.latent = self.slotted = None
+        elif hp.mining and hp.miner != "residual":  # every batch, accumulated micro-batches included
             self._mine_latent(harmful)
         elif hp.mining and self.global_step % hp.mining_interval == 0 and self._mined_at_step != self.global_step:
             self._mined_at_step = self.global_step
