@@ -78,8 +78,8 @@ class TripletDefenseModule(SafetyModule):
         mining_interval: optimizer steps between fresh residual modules (paper: 30); the latent and
             suffix miners perturb each batch's own examples, so they mine every step and need 1.
         mining_steps: Adam steps that train each adversary.
-        mining_lr: the residual module's Adam learning rate; the latent miner's step as a fraction of
-            its radius (as LAT's ``lr``).
+        mining_lr: the residual module's Adam learning rate; the latent and suffix miners' step as a
+            fraction of their radius (as LAT's ``lr``).
         mining_fraction: fraction of harmful examples whose states come from the attacked model
             (paper: 0.3).
         mining_layers: sites from which the adversary's position is drawn: decoder layers (and, for the
