@@ -55,6 +55,13 @@ class ChatFormatter:
     def prompt_text(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
+    def user_turn_tail(self) -> int:
+        """Tokens the template puts after a (last) user turn's content: closing the turn and opening
+        the assistant's. A suffix attack's suffix goes just before them."""
+        marker = "<<lit_safety_user_end>>"
+        text = self.prompt_text([{"role": "user", "content": marker}])
+        return len(self._ids(text.split(marker, 1)[1]))
+
     def completion_text(self, messages: list[dict[str, str]], completion: str) -> str:
         """The completion as the template renders it (with its end-of-turn marker)."""
         prompt = self.prompt_text(messages)

@@ -40,7 +40,6 @@ from lit_safety.adversaries import (
 from lit_safety.backbone import BackboneError
 from lit_safety.data.formatting import ChatFormatter
 from lit_safety.distributed import global_masked_mean
-from lit_safety.evaluation.suffix import SENTINEL
 from lit_safety.losses import distance, kl_divergence, masked_mean, toward, triplet_loss
 from lit_safety.methods.base import SafetyModule
 from lit_safety.representations import completion_window, forward_states, joint_forward_states, position_mask
@@ -230,12 +229,11 @@ class TripletDefenseModule(SafetyModule):
         """(template tokens after the user's content, the first token of ``mining_suffix_init``): where
         suffix slots go and what they start as, as in the suite's embedding attack."""
         tokenizer = self.tokenizer
-        text = ChatFormatter(tokenizer).prompt_text([{"role": "user", "content": SENTINEL}])
         init = tokenizer(self.hparams.mining_suffix_init, add_special_tokens=False)["input_ids"]
         if not init or init[0] == tokenizer.unk_token_id:
             raise ValueError(f"mining_suffix_init: {self.hparams.mining_suffix_init!r} is not in the tokenizer's "
                              "vocabulary")
-        return len(tokenizer(text.split(SENTINEL)[1], add_special_tokens=False)["input_ids"]), init[0]
+        return ChatFormatter(tokenizer).user_turn_tail(), init[0]
 
     def _mine_latent(self, harmful: dict) -> None:
         """Fit a latent perturbation (or soft suffix) of the first mined examples' prompts that makes
