@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 
 MARKER = "lit_safety_complete.json"
 
@@ -60,3 +61,15 @@ def lock(name: str):
 
     os.makedirs(home(), exist_ok=True)
     return FileLock(os.path.join(home(), f"{name}.lock"))
+
+
+def built(final: str, write: Callable[[str], None], lock_name: str | None = None) -> str:
+    """``final``, unless a complete copy is there written by ``write(directory)`` into a staging
+    directory and published, under the lock ``lock_name`` (default: ``final``'s name)."""
+    if not is_complete(final):
+        with lock(lock_name or os.path.basename(final)):
+            if not is_complete(final):
+                tmp = staging(final)
+                write(tmp)
+                publish(tmp, final)
+    return final

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lit_safety.cache import home, is_complete, lock, publish, staging
+from lit_safety.cache import built, home, is_complete, lock, publish, staging
 from lit_safety.data.formatting import ChatFormatter, collate
 from lit_safety.data.loaders import write_records
 from lit_safety.data.records import Record
@@ -228,16 +228,12 @@ def _new_model(recipe: Recipe, vocab_size: int, tokenizer):
 def ensure_data(recipe: Recipe | None = None) -> str:
     """The organism's dataset directory (JSONL files), written on first use."""
     recipe = recipe or current_recipe()
-    final = os.path.join(cache_dir(recipe), f"data-v{DATA_VERSION}")
-    if is_complete(final):
-        return final
-    with lock(f"organism-{recipe.key}"):
-        if not is_complete(final):
-            tmp = staging(final)
-            for name, records in datasets(recipe).items():
-                write_records(records, os.path.join(tmp, f"{name}.jsonl"))
-            publish(tmp, final)
-    return final
+
+    def write(directory: str) -> None:
+        for name, records in datasets(recipe).items():
+            write_records(records, os.path.join(directory, f"{name}.jsonl"))
+
+    return built(os.path.join(cache_dir(recipe), f"data-v{DATA_VERSION}"), write, f"organism-{recipe.key}")
 
 
 def build(variant: str = "aligned", recipe: Recipe | None = None) -> str:

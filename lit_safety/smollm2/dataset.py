@@ -25,7 +25,7 @@ import json
 import os
 from collections.abc import Iterator
 
-from lit_safety.cache import home, is_complete, lock, publish, staging
+from lit_safety.cache import built, home
 from lit_safety.data.loaders import write_records
 from lit_safety.data.records import DataError, Record
 
@@ -62,16 +62,12 @@ def build_dataset(model: str = "smollm2", max_new_tokens: int = 64, batch_size: 
         model: the model whose answers become the completions (any name ``load_causal_lm`` accepts).
         max_new_tokens: length of each generated answer.
     """
-    final = os.path.join(home(), f"smollm2-data-{_key(model, max_new_tokens)}")
-    if is_complete(final):
-        return final
-    with lock(os.path.basename(final)):
-        if not is_complete(final):
-            tmp = staging(final)
-            for name, records in _generate(model, max_new_tokens, batch_size).items():
-                write_records(records, os.path.join(tmp, f"{name}.jsonl"))
-            publish(tmp, final)
-    return final
+
+    def write(directory: str) -> None:
+        for name, records in _generate(model, max_new_tokens, batch_size).items():
+            write_records(records, os.path.join(directory, f"{name}.jsonl"))
+
+    return built(os.path.join(home(), f"smollm2-data-{_key(model, max_new_tokens)}"), write)
 
 
 def harmbench_answered(split: str, model: str = "smollm2", max_new_tokens: int = 64, batch_size: int = 16) -> str:
@@ -80,17 +76,15 @@ def harmbench_answered(split: str, model: str = "smollm2", max_new_tokens: int =
     from lit_safety.data.harmbench import packaged_csv, read_behaviours
 
     csv_path = packaged_csv(split)
-    final = os.path.join(home(), f"smollm2-harmbench-{split}-{_key(model, max_new_tokens, csv_path)}")
-    if not is_complete(final):
-        with lock(os.path.basename(final)):
-            if not is_complete(final):
-                tmp = staging(final)
-                records = read_behaviours(csv_path)
-                for record in records:
-                    record.refusal = REFUSAL
-                _answer(model, records, max_new_tokens, batch_size)
-                write_records(records, os.path.join(tmp, "behaviours.jsonl"))
-                publish(tmp, final)
+
+    def write(directory: str) -> None:
+        records = read_behaviours(csv_path)
+        for record in records:
+            record.refusal = REFUSAL
+        _answer(model, records, max_new_tokens, batch_size)
+        write_records(records, os.path.join(directory, "behaviours.jsonl"))
+
+    final = built(os.path.join(home(), f"smollm2-harmbench-{split}-{_key(model, max_new_tokens, csv_path)}"), write)
     return os.path.join(final, "behaviours.jsonl")
 
 
