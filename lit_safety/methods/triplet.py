@@ -244,12 +244,11 @@ class TripletDefenseModule(SafetyModule):
         if not rows:
             return
         site = self.rng.choice(self._sites())
-        mined = {key: value[:rows] for key, value in harmful.items()}
-        mask = mined["prompt_mask"]
         if hp.miner == "suffix":
             self.slotted = suffix_slots(harmful, rows, hp.mining_suffix_length, *self._suffix_slot)
-            mined = {key: value[:rows] for key, value in self.slotted.sequences.items()}
-            mask = self.slotted.slots[:rows]
+        sequences = harmful if self.slotted is None else self.slotted.sequences
+        mined = {key: value[:rows] for key, value in sequences.items()}
+        mask = mined["prompt_mask"] if self.slotted is None else self.slotted.slots[:rows]
         radius = hp.mining_epsilon * float(self.calibration[f"site_norm/{site}"])
         adversary = LatentAdversary(self.model, [site], mask, radius)
         with adversary.attached(), self.adapters_frozen():
