@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from lit_safety.backbone import decoder_layers, hidden_size, resolve_layers
-from lit_safety.distributed import mean_across_ranks_
+from lit_safety.distributed import global_masked_mean, mean_across_ranks_
+from lit_safety.losses import masked_mean, wide, wide_dtype
 
 
 def replace_output(output, new: Tensor):
@@ -105,7 +106,7 @@ class ResidualAttack:
     Args:
         hidden_size: width of the residual stream (read from the model, never hard-coded).
         layer: decoder layer after which the module acts.
-        device, dtype: placement of W and b (match the model).
+        device, dtype: placement of W and b (``for_model``: the model's device, float32 or wider).
     """
 
     def __init__(self, hidden_size: int, layer: int, device=None, dtype=torch.float32):
@@ -116,13 +117,13 @@ class ResidualAttack:
     @classmethod
     def for_model(cls, model, layer: int) -> ResidualAttack:
         reference = next(p for p in model.parameters() if p.is_floating_point())
-        return cls(hidden_size(model), layer, reference.device, torch.float32)
+        return cls(hidden_size(model), layer, reference.device, wide_dtype(reference.dtype))
 
     def parameters(self) -> list[Tensor]:
         return [self.weight, self.bias]
 
     def __call__(self, h: Tensor) -> Tensor:
-        return h + (h.float() @ self.weight.T + self.bias).to(h.dtype)
+        return h + (h.to(self.weight.dtype) @ self.weight.T + self.bias).to(h.dtype)
 
     def attached(self, model, rows: int | None = None):
         """Context in which the module sits in ``model``'s forward path, acting on the first ``rows``
@@ -199,10 +200,11 @@ class LatentBudget:
 
 
 @torch.no_grad()
-def site_norms(model, sites: list[int | str], input_ids: Tensor, attention_mask: Tensor, mask: Tensor) -> dict:
+def site_norms(model, sites: list[int | str], input_ids: Tensor, attention_mask: Tensor, mask: Tensor,
+               across_ranks: bool = False) -> dict:
     """Mean per-token activation norm of each site over the masked positions: the unit of
-    scale-relative epsilons."""
-    from lit_safety.losses import masked_mean
+    scale-relative epsilons. ``across_ranks``: over every data-parallel rank's batch (a method's
+    calibration, the same on every rank); a collective, so every rank must call it."""
     from lit_safety.representations import capture_residuals
 
     layers = [s for s in sites if s != EMBEDDING]
@@ -216,8 +218,10 @@ def site_norms(model, sites: list[int | str], input_ids: Tensor, attention_mask:
         handle.remove()
     embeddings = captured["h"]
 
+    mean = global_masked_mean if across_ranks else masked_mean
+
     def norm(h: Tensor) -> float:
-        return masked_mean(h.float().norm(dim=-1), mask).item()
+        return mean(wide(h).norm(dim=-1), mask).item()
 
     return {s: norm(embeddings if s == EMBEDDING else states[resolved[s]]) for s in sites}
 
@@ -287,7 +291,9 @@ class LatentAdversary:
         self.mask = mask
         shape = (*mask.shape, hidden_size(model))
         self.epsilon = {name: float(epsilon[name] if isinstance(epsilon, dict) else epsilon) for name, _ in self.sites}
-        self.units = {name: torch.zeros(shape, device=mask.device, requires_grad=True) for name, _ in self.sites}
+        dtype = wide_dtype(next(model.parameters()).dtype)
+        self.units = {name: torch.zeros(shape, dtype=dtype, device=mask.device, requires_grad=True)
+                      for name, _ in self.sites}
 
     def parameters(self) -> list[Tensor]:
         return list(self.units.values())

@@ -1,7 +1,8 @@
 """What a method computes over "the batch" is computed over the global batch, whatever the number
-of processes: statistics (the triplet's harmful mean, scale-relative margins, calibrations) and any
-module trained inside a step that is shared by the batch (the triplet's miner) are averaged across
-data-parallel ranks. Training on N processes then takes the steps one process takes on the union of
+of processes: statistics (the triplet's harmful mean, scale-relative margins, calibrations) are
+global, any module trained inside a step that is shared by the batch (the triplet's miner) is
+trained on gradients averaged across data-parallel ranks, and a share of the batch is a share of the
+global batch (``leading_rows``). Training on N processes then takes the steps one process takes on the union of
 their batches (when every rank's batch holds as many tokens), which is what the sharded tests check.
 
 Per-example quantities (LAT's perturbation of each example) stay local: averaging them would mix
@@ -31,6 +32,15 @@ def mean_across_ranks_(tensors: list[Tensor]) -> list[Tensor]:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
             t.div_(world_size())
     return tensors
+
+
+def leading_rows(fraction: float, rows: int) -> int:
+    """How many of this rank's first ``rows`` examples make up the global batch's first
+    round(``fraction`` x global batch): rank r holds global rows r, r + W, r + 2W, ... (``data.order``
+    shards so), so every process count mines the rows one process would."""
+    world = world_size()
+    wanted = round(fraction * rows * world)
+    return max(0, -(-(wanted - rank()) // world))
 
 
 def sum_across_ranks(x: Tensor) -> Tensor:

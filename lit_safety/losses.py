@@ -29,9 +29,20 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = Non
     return (x * m).sum(dim=dim) / m.sum(dim=dim).clamp_min(1)
 
 
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half precision (reductions and Adam's small steps would round away), else ``dtype``:
+    a float64 run stays float64, exact to the order of its sums."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def wide(x: Tensor) -> Tensor:
+    """``x`` in ``wide_dtype``: the precision of a loss's reductions and of an adversary's parameters."""
+    return x.to(wide_dtype(x.dtype))
+
+
 def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
     """log p(x_{t+1} | x_{<=t}) for every position, shape [B, T-1] (aligned with ``input_ids[:, 1:]``)."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    logp = torch.log_softmax(wide(logits[:, :-1]), dim=-1)
     return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
@@ -55,8 +66,8 @@ def kl_divergence(reference_logits: Tensor, logits: Tensor, mask: Tensor, temper
     The distillation term of the triplet defense (2506.11938, Sec. 3: L_KL with T = 2), a prediction
     loss: token t is compared through the distributions at position t - 1.
     """
-    log_p_ref = torch.log_softmax(reference_logits[:, :-1].float() / temperature, dim=-1)
-    log_p = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    log_p_ref = torch.log_softmax(wide(reference_logits[:, :-1]) / temperature, dim=-1)
+    log_p = torch.log_softmax(wide(logits[:, :-1]) / temperature, dim=-1)
     per_position = (log_p_ref.exp() * (log_p_ref - log_p)).sum(-1)
     return temperature**2 * masked_mean(per_position, mask[:, 1:])
 
@@ -72,7 +83,7 @@ def distance(x: Tensor, y: Tensor, kind: str, mix_weight: Tensor | float = 1.0) 
     - ``cosine``: 1 - cos(x, y)
     - ``mix``: ||x - y||_2 + w * (1 - max(cos(x, y), 0)) (the paper's mixed distance, Sec. 3.2)
     """
-    x, y = x.float(), y.float()
+    x, y = wide(x), wide(y)
     if kind == "l2":
         return (x - y).norm(dim=-1)
     cos = F.cosine_similarity(x, y.expand_as(x), dim=-1)
@@ -124,21 +135,21 @@ def dpo_loss(
 def rmu_forget_loss(states: Tensor, control: Tensor, mask: Tensor) -> Tensor:
     """RMU's forget term (Li et al. 2024, WMDP, Eq. 1): mean over masked tokens of ||h' - c u||^2 / D,
     steering forget-data states toward a fixed random direction ``control`` = c u."""
-    return masked_mean(((states.float() - control) ** 2).mean(-1), mask)
+    return masked_mean(((wide(states) - control) ** 2).mean(-1), mask)
 
 
 def rmu_retain_loss(states: Tensor, reference: Tensor, mask: Tensor) -> Tensor:
     """RMU's retain term (WMDP, Eq. 2): mean over masked tokens of ||h' - h||^2 / D on retain data."""
-    return rmu_forget_loss(states, reference.float(), mask)
+    return rmu_forget_loss(states, wide(reference), mask)
 
 
 # ----- circuit breakers / representation rerouting (arXiv 2406.04313) ------------------------------------
 def retain_loss(states: Tensor, reference: Tensor, mask: Tensor) -> Tensor:
     """||h' - h||_2 averaged over masked tokens: keep benign states where they were (RR, Alg. 1)."""
-    return masked_mean((states.float() - reference.float()).norm(dim=-1), mask)
+    return masked_mean((wide(states) - wide(reference)).norm(dim=-1), mask)
 
 
 def reroute_loss(states: Tensor, reference: Tensor, mask: Tensor) -> Tensor:
     """ReLU(cos(h', h)) averaged over masked tokens: make harmful states orthogonal to (or opposite
     of) the reference ones (RR, Alg. 1)."""
-    return masked_mean(F.relu(F.cosine_similarity(states.float(), reference.float(), dim=-1)), mask)
+    return masked_mean(F.relu(F.cosine_similarity(wide(states), wide(reference), dim=-1)), mask)

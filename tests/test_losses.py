@@ -108,3 +108,27 @@ def test_global_masked_mean_is_the_masked_mean_on_one_process():
     assert torch.allclose(x.grad[..., 0], mask.float() / 3)  # the gradient reaches the marked states only
     t = torch.tensor([2.0])
     assert mean_across_ranks_([t])[0] is t and t.item() == 2.0
+
+
+@pytest.mark.parametrize("world, rows, fraction", [(1, 8, 0.3), (2, 4, 0.3), (2, 2, 0.25), (4, 2, 0.3), (8, 2, 0.3)])
+def test_leading_rows_mine_what_one_process_mines(monkeypatch, world, rows, fraction):
+    from lit_safety import distributed
+
+    wanted = round(fraction * rows * world)  # one process with every rank's rows mines its first `wanted`
+    mined = []
+    for r in range(world):
+        monkeypatch.setattr(distributed, "world_size", lambda: world)
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        count = distributed.leading_rows(fraction, rows)
+        mined += [i * world + r for i in range(count)]  # rank r's row i is global row i * world + r
+    assert sorted(mined) == list(range(wanted))
+
+
+def test_losses_keep_float64_and_widen_half_precision():
+    from lit_safety.losses import distance, toward
+
+    for dtype, wide in [(torch.float64, torch.float64), (torch.bfloat16, torch.float32)]:
+        x, y = torch.ones(1, 2, 3, dtype=dtype), torch.zeros(1, 2, 3, dtype=dtype)
+        assert distance(x, y, "mix").dtype == wide
+        logits, ids = torch.zeros(1, 3, 4, dtype=dtype), torch.tensor([[0, 1, 2]])
+        assert toward(logits, ids, torch.ones(1, 3, dtype=torch.bool)).dtype == wide

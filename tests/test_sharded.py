@@ -21,21 +21,24 @@ HERE = os.path.dirname(__file__)
 CONFIGS = os.path.join(HERE, "..", "configs")
 STEPS = 3
 # Settings under which one process and two take the same steps: no validation hold-out (the 12
-# records then split evenly), no dropout (its masks are drawn per process), a mined share that is a
-# whole number of every rank's examples; the LAT inner loop cut to a test's budget.
-# In float64, so that what remains is the order of floating-point sums alone (in float32, Adam's
-# normalisation lifts that order's 1e-7 to 1e-5 in coordinates whose gradient is near zero).
+# records then split evenly), no dropout (its masks are drawn per process); the inner loops cut to a
+# test's budget. The mined share, 0.3, is no whole number of a rank's examples: ranks mine the rows
+# one process would.
+# In float64, which losses and adversaries keep, so that what remains is the order of floating-point
+# sums alone (in float32, Adam's normalisation lifts that order's 1e-7 to 1e-5 in coordinates whose
+# gradient is near zero).
 SAME_STEPS = ["--data.val_fraction=0", "--model.lora_dropout=0", "--model.dtype=float64"]
 METHODS = {
     "refusal_sft": [],
     "refat": ["--model.ablation_probability=0.5"],
-    "triplet_adv": ["--model.mining_fraction=0.5", "--model.mining_steps=3", "--model.mining_interval=2"],
-    "triplet_latent": ["--model.mining_fraction=0.5", "--model.mining_steps=2"],
+    "triplet_adv": ["--model.mining_fraction=0.3", "--model.mining_steps=3", "--model.mining_interval=2"],
+    "triplet_latent": ["--model.mining_fraction=0.3", "--model.mining_steps=2"],
+    "triplet_suffix": ["--model.mining_fraction=0.3", "--model.mining_steps=2", "--model.mining_suffix_init=ok"],
     "lat": ["--model.adversary.layers=[0, 1]", "--model.adversary.steps=2"],
     "circuit_breaker": [],
 }
-TOLERANCE = 1e-5  # relative, per adapter tensor
-INNER_LOOP = ("lat", "triplet_adv", "triplet_latent")  # refused under FSDP (one backward per forward)
+TOLERANCE = 1e-9  # relative, per adapter tensor
+INNER_LOOP = ("lat", "triplet_adv", "triplet_latent", "triplet_suffix")  # refused under FSDP (one backward per forward)
 
 
 

@@ -8,7 +8,8 @@ run is a named hook, called by the base at that moment:
 - ``init_adapters()``: initialise the fresh LoRA weights (peft's default: B = 0);
 - ``calibrate(batch) -> {name: tensor}``: measure scale-relative quantities once, on the first
   training batch, before any step (validation included); the result is ``self.calibration`` and is
-  saved in checkpoints, so a resumed run uses the same values;
+  saved in checkpoints, so a resumed run uses the same values. Statistics of the global batch
+  (``distributed.global_masked_mean``): every rank measures its own first batch;
 - ``training_state()`` / ``load_training_state(state)``: what a method keeps between steps that is
   not a weight (a miner, its own random generator), so that a resumed run equals an uninterrupted
   one. The base adds torch's and Python's global random states.
@@ -37,7 +38,6 @@ from torch import Tensor
 from lit_safety import artifacts, backbone, sharding
 from lit_safety.backbone import DType, Quantization
 from lit_safety.data.batch import SafetyBatch, check_batch
-from lit_safety.distributed import mean_across_ranks_
 
 CALIBRATION_KEY = "lit_safety_calibration"
 STATE_KEY = "lit_safety_training_state"
@@ -191,7 +191,6 @@ class SafetyModule(L.LightningModule):
         # measured here is then replaced by the saved calibration).
         if self.calibration is None:
             measured = {k: v.detach().to(self.device) for k, v in self._in_forward("calibrate", self._first_training_batch()).items()}
-            mean_across_ranks_(list(measured.values()))  # every rank measured its own first batch
             self.calibration = measured
 
     @torch.no_grad()

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from lit_safety.backbone import hidden_size
 from lit_safety.data.batch import SafetyBatch, Sequences
+from lit_safety.distributed import global_masked_mean
 from lit_safety.losses import (
     away,
     dpo_loss,
@@ -31,6 +32,7 @@ from lit_safety.losses import (
     rmu_retain_loss,
     sequence_logprob,
     toward,
+    wide,
 )
 from lit_safety.representations import (
     Window,
@@ -171,7 +173,7 @@ class RMU(LATObjective):
     def calibrate(self, module, batch: SafetyBatch) -> dict[str, Tensor]:
         forget = batch["harmful"]["completion"]
         with module.reference():
-            norm = self._states(module.model, forget).float().norm(dim=-1)[forget["prompt_mask"]].mean()
+            norm = global_masked_mean(wide(self._states(module.model, forget)).norm(dim=-1), forget["prompt_mask"])
         hidden = hidden_size(module.model)
         u = torch.rand(hidden, generator=torch.Generator().manual_seed(self.direction_seed))
         return {"rmu_control": self.steering * norm.cpu() * u / u.norm()}

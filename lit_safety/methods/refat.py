@@ -21,7 +21,7 @@ from torch import Tensor
 from lit_safety import backbone
 from lit_safety.adversaries import ablate, output_tensor, replace_output
 from lit_safety.distributed import global_masked_mean, rank, world_size
-from lit_safety.losses import kl_divergence, toward
+from lit_safety.losses import kl_divergence, toward, wide
 from lit_safety.methods.base import SafetyModule
 from lit_safety.representations import joint_forward_states
 
@@ -123,8 +123,8 @@ class RefusalFeatureATModule(SafetyModule):
         last_h, last_b = last_prompt_mask(harmful), last_prompt_mask(benign)
         directions = {}
         for layer in layers:
-            r = (global_masked_mean(on_harmful[layer].float(), last_h)
-                 - global_masked_mean(on_benign[layer].float(), last_b))
+            r = (global_masked_mean(wide(on_harmful[layer]), last_h)
+                 - global_masked_mean(wide(on_benign[layer]), last_b))
             directions[layer] = r / r.norm().clamp_min(1e-12)
         return directions
 

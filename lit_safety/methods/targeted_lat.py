@@ -108,7 +108,7 @@ class TargetedLATModule(SafetyModule):
         harmful = batch["harmful"]["completion"]
         with self.reference():
             norms = site_norms(self.model, self.adversary.layers, harmful["input_ids"], harmful["attention_mask"],
-                               harmful["prompt_mask"])
+                               harmful["prompt_mask"], across_ranks=True)
         return {**{f"site_norm/{site}": torch.tensor(norm) for site, norm in norms.items()},
                 **self.objective.calibrate(self, batch)}
 

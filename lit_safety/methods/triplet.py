@@ -39,8 +39,8 @@ from lit_safety.adversaries import (
 )
 from lit_safety.backbone import BackboneError
 from lit_safety.data.formatting import ChatFormatter
-from lit_safety.distributed import global_masked_mean
-from lit_safety.losses import distance, kl_divergence, masked_mean, toward, triplet_loss
+from lit_safety.distributed import global_masked_mean, leading_rows
+from lit_safety.losses import distance, kl_divergence, masked_mean, toward, triplet_loss, wide
 from lit_safety.methods.base import SafetyModule
 from lit_safety.representations import completion_window, forward_states, joint_forward_states, position_mask
 
@@ -79,8 +79,8 @@ class TripletDefenseModule(SafetyModule):
         mining_steps: Adam steps that train each adversary.
         mining_lr: the residual module's Adam learning rate; the latent and suffix miners' step as a
             fraction of their radius (as LAT's ``lr``).
-        mining_fraction: fraction of harmful examples whose states come from the attacked model
-            (paper: 0.3).
+        mining_fraction: fraction of the harmful examples of each global batch whose states come from
+            the attacked model (paper: 0.3): the same examples on any number of processes.
         mining_layers: sites from which the adversary's position is drawn: decoder layers (and, for the
             latent miner, "embedding"); each must be before the deepest triplet layer, or the
             adversary could not change any state used.
@@ -183,7 +183,7 @@ class TripletDefenseModule(SafetyModule):
         harmful = batch["harmful"]["completion"]
         with self.reference():
             norms = site_norms(self.model, self._sites(), harmful["input_ids"], harmful["attention_mask"],
-                               harmful["prompt_mask"])
+                               harmful["prompt_mask"], across_ranks=True)
         return {f"site_norm/{site}": torch.tensor(norm) for site, norm in norms.items()}
 
     def training_state(self) -> dict:
@@ -240,21 +240,25 @@ class TripletDefenseModule(SafetyModule):
         the (unchanged) LoRA model produce their harmful completions."""
         hp = self.hparams
         self.latent = self.slotted = None
-        rows = round(hp.mining_fraction * harmful["input_ids"].shape[0])
-        if not rows:
-            return
-        site = self.rng.choice(self._sites())
+        site = self.rng.choice(self._sites())  # drawn by every rank, mining or not: one stream of sites
+        rows = leading_rows(hp.mining_fraction, harmful["input_ids"].shape[0])
+        # A rank that mines none of its rows still runs the inner loop, on one row with zero weight:
+        # under FSDP every forward is a collective, so every rank must run as many.
+        attacked = max(rows, 1)
         if hp.miner == "suffix":
-            self.slotted = suffix_slots(harmful, rows, hp.mining_suffix_length, *self._suffix_slot)
+            self.slotted = suffix_slots(harmful, attacked, hp.mining_suffix_length, *self._suffix_slot)
         sequences = harmful if self.slotted is None else self.slotted.sequences
-        mined = {key: value[:rows] for key, value in sequences.items()}
-        mask = mined["prompt_mask"] if self.slotted is None else self.slotted.slots[:rows]
+        mined = {key: value[:attacked] for key, value in sequences.items()}
+        mask = mined["prompt_mask"] if self.slotted is None else self.slotted.slots[:attacked]
         radius = hp.mining_epsilon * float(self.calibration[f"site_norm/{site}"])
         adversary = LatentAdversary(self.model, [site], mask, radius)
         with adversary.attached(), self.adapters_frozen():
             # Scaled by the examples, as LAT's: each example's perturbation follows its own loss.
             losses = adversary.optimise(lambda: rows * toward(*completion_window(self.model, mined)), hp.mining_steps,
                                         hp.mining_lr)
+        if not rows:
+            self.slotted = None
+            return
         adversary.freeze()
         adversary.padded(harmful["input_ids"].shape[0])
         self.latent = adversary
@@ -275,7 +279,7 @@ class TripletDefenseModule(SafetyModule):
             with self.latent.attached():
                 states = forward_states(self.model, ids, attention, layers, logits=False)[0]
             return {layer: slotted.original(h) for layer, h in states.items()} if slotted is not None else states
-        mined = round(self.hparams.mining_fraction * ids.shape[0]) if self.miner is not None else 0
+        mined = leading_rows(self.hparams.mining_fraction, ids.shape[0]) if self.miner is not None else 0
         if not mined:
             return forward_states(self.model, ids, attention, layers, logits=False)[0]
         with self.miner.attached(self.model, rows=mined):
@@ -285,7 +289,7 @@ class TripletDefenseModule(SafetyModule):
     def _scale(self, reference: Tensor, mask: Tensor) -> Tensor | float:
         if self.hparams.margin_scale == "absolute":
             return 1.0
-        return global_masked_mean(reference.detach().float().norm(dim=-1), mask)
+        return global_masked_mean(wide(reference.detach()).norm(dim=-1), mask)
 
     def _term(self, anchor: Tensor, positive: Tensor, negative: Tensor, reference: Tensor, mask: Tensor,
               margin: float, positive_distance: str, negative_distance: str) -> tuple[Tensor, Tensor, Tensor]:
