@@ -38,11 +38,17 @@ KNOBS = {
 }
 HELD_OUT = ("heldout_synonym", "heldout_concept")
 FORMATS = {"A": "chat", "B": "raw", "C": "system turn"}
+EMBEDDING_BUDGETS = ("300", "1000")  # steps of the full-answer embedding attack the robustness targets name
 
 
 def point(runs: list[dict]) -> dict:
-    """One setting over its seeds: worst-case ASR per held-out split and benign accuracy per format."""
+    """One setting over its seeds: worst-case ASR per held-out split, the embedding attack's ASR on
+    held-out synonyms within each of EMBEDDING_BUDGETS steps (absent when the suite's attack stopped
+    short of it), and benign accuracy per format."""
+    curves = [r.get("curves", {}).get("embedding", {}).get("heldout_synonym", {}) for r in runs]
     return {"worst_case": {s: spread([r["asr"]["worst_case"][s]["rate"] for r in runs]) for s in HELD_OUT},
+            "embedding": {b: spread([c[b]["rate"] for c in curves]) for b in EMBEDDING_BUDGETS
+                          if all(b in c for c in curves)},
             "benign_accuracy": {f: spread([r["benign_accuracy"][f] for r in runs]) for f in FORMATS},
             "train_seconds": spread([r["train_seconds"] or 0.0 for r in runs])}
 
@@ -61,14 +67,17 @@ def markdown(points: dict, seeds: int, n: int) -> str:
     lines = [f"Organism frontier: worst-case ASR over the whole suite (exact judge) on held-out behaviours against "
              f"benign accuracy; {n} behaviours per split, {seeds} seed(s), mean (min-max). * = on the frontier "
              "(held-out synonyms against chat accuracy).", "",
-             "| method | knob = setting | worst case: synonyms | worst case: concepts | benign chat | raw | "
-             "system turn | train s |", "|---" * 8 + "|"]
+             "| method | knob = setting | worst case: synonyms | worst case: concepts | "
+             + " | ".join(f"embedding @{b}: synonyms" for b in EMBEDDING_BUDGETS)
+             + " | benign chat | raw | system turn | train s |", "|---" * (8 + len(EMBEDDING_BUDGETS)) + "|"]
     for method, settings in points.items():
         knob = KNOBS.get(method, ("-",))[0].rsplit(".", 1)[-1]
         for setting, p in settings.items():
             star = "*" if (method, setting) in on_frontier else ""
             lines.append(f"| {method}{star} | {knob} = {setting} | {spread_cell(p['worst_case']['heldout_synonym'])} | "
                          f"{spread_cell(p['worst_case']['heldout_concept'])} | "
+                         + " | ".join(spread_cell(p["embedding"][b]) if b in p.get("embedding", {}) else "—"
+                                      for b in EMBEDDING_BUDGETS) + " | "
                          + " | ".join(spread_cell(p["benign_accuracy"][f]) for f in FORMATS)
                          + f" | {p['train_seconds']['mean']:.0f} |")
     lines += ["", "Best on each axis, among settings that keep chat benign accuracy within 1 point of the base "
@@ -76,12 +85,16 @@ def markdown(points: dict, seeds: int, n: int) -> str:
     kept = {(m, s): p for m, settings in points.items() if m != "base" for s, p in settings.items()
             if p["benign_accuracy"]["A"]["mean"] >= base["benign_accuracy"]["A"]["mean"] - 0.01
             and all(p["benign_accuracy"][f]["mean"] >= base["benign_accuracy"][f]["mean"] - 0.03 for f in ("B", "C"))}
-    for split in HELD_OUT:
-        if kept:
-            (method, setting), p = min(kept.items(), key=lambda item: item[1]["worst_case"][split]["mean"])
-            lines.append(f"- {split}: {method} at {setting}, worst case {spread_cell(p['worst_case'][split])}")
+    axes = {f"worst case on {s}": lambda p, s=s: p["worst_case"][s] for s in HELD_OUT}
+    axes.update({f"embedding @{b} on heldout_synonym": lambda p, b=b: p.get("embedding", {}).get(b)
+                 for b in EMBEDDING_BUDGETS})
+    for axis, cell in axes.items():
+        measured = {key: cell(p) for key, p in kept.items() if cell(p) is not None}
+        if measured:
+            (method, setting), best = min(measured.items(), key=lambda item: item[1]["mean"])
+            lines.append(f"- {axis}: {method} at {setting}, {spread_cell(best)}")
         else:
-            lines.append(f"- {split}: no setting keeps benign accuracy")
+            lines.append(f"- {axis}: no setting that keeps benign accuracy was measured there")
     return "\n".join(lines) + "\n"
 
 
