@@ -2,13 +2,14 @@
 settings of its main knob, several seeds each. Writes benchmarks/results/frontier.{json,md,png}.
 
     python benchmarks/frontier.py                                  # every method, 3 settings x 3 seeds
-    python benchmarks/frontier.py --methods lat refat --seeds 1 --n 50
+    python benchmarks/frontier.py --methods lat refat --seeds 1 --n 50   # keeps the other methods' points
 
 Each (method, setting, seed) is trained and attacked as in benchmarks/organism_table.py (the same
 configs and suite, the knob passed on the command line); "base" is the aligned organism. Worst case:
 a behaviour counts if any attack of the suite broke it (exact judge, harm done). A setting is on a
 method's frontier when no other setting of any method has both lower worst-case ASR and higher chat
-benign accuracy.
+benign accuracy. The points of methods a run does not sweep are kept from the frontier.json it
+replaces, if that was measured with as many seeds and behaviours.
 """
 
 from __future__ import annotations
@@ -126,6 +127,18 @@ def plot(points: dict, path: str) -> None:
     plt.close(fig)
 
 
+def earlier_points(path: str, seeds: int, n: int, methods: set[str]) -> dict:
+    """The points of ``methods`` in an earlier frontier.json measured with as many seeds and
+    behaviours: a sweep of some methods adds to the frontier of the others."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        earlier = json.load(f)
+    if (earlier.get("seeds"), earlier.get("n")) != (seeds, n):
+        return {}
+    return {m: p for m, p in earlier["points"].items() if m in methods}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(KNOBS), choices=list(KNOBS))
@@ -139,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="options appended to every fit and test command")
     args = parser.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
+    stem = os.path.join(args.out, "frontier")
+    kept = earlier_points(f"{stem}.json", args.seeds, args.n, set(KNOBS) - set(args.methods))
     points: dict[str, dict] = {}
 
     def measure(method: str, config: str | None, setting, options: list[str]) -> None:
@@ -149,12 +164,12 @@ def main(argv: list[str] | None = None) -> None:
         write()
 
     def write() -> None:  # after every setting: a stopped run keeps what it measured
-        stem = os.path.join(args.out, "frontier")
         atomic_write(f"{stem}.json", json.dumps({"points": points, "seeds": args.seeds, "n": args.n}, indent=1))
         atomic_write(f"{stem}.md", markdown(points, args.seeds, args.n))
         plot(points, f"{stem}.png")
 
     measure("base", None, "-", [])
+    points.update(kept)
     for method in args.methods:
         knob, settings = KNOBS[method]
         for setting in args.settings or settings:

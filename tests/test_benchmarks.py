@@ -80,6 +80,16 @@ def test_frontier_reports_the_embedding_budgets_of_the_targets_and_the_best_sett
     assert "- embedding @1000 on heldout_synonym: a at 1, 1.00" in text
 
 
+def test_frontier_keeps_earlier_points_of_methods_it_does_not_sweep_when_measured_alike(tmp_path):
+    from benchmarks.frontier import earlier_points
+
+    path = tmp_path / "frontier.json"
+    path.write_text(json.dumps({"points": {"base": {}, "lat": {"0.3": {}}, "refat": {"1.0": {}}}, "seeds": 1, "n": 50}))
+    assert earlier_points(str(path), 1, 50, {"lat", "triplet"}) == {"lat": {"0.3": {}}}
+    assert earlier_points(str(path), 3, 50, {"lat"}) == {} and earlier_points(str(path), 1, 100, {"lat"}) == {}
+    assert earlier_points(str(tmp_path / "none.json"), 1, 50, {"lat"}) == {}
+
+
 def test_smollm2_benchmark_runs_with_another_model_and_data(tmp_path, tiny_model_dir, data_files):
     streams = {k: {"sources": [v], "max_prompt_length": 16, "max_completion_length": 8} for k, v in data_files.items()}
     splits = {"harmful": [data_files["harmful"]], "benign": [data_files["benign"]], "borderline": [data_files["benign"]]}
