@@ -28,7 +28,9 @@ def run(args: list[str], log: str, threads: int | None = None) -> float:
 
 def atomic_write(path: str, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: a killed benchmark leaves the
-    old file or the new one, never a truncated one that ``--reuse`` would trust."""
+    old file or the new one, never a truncated one that ``--reuse`` would trust. Creates the
+    directory (a benchmark's ``--out``) if it is missing."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)

@@ -12,24 +12,25 @@ from benchmarks import organism_table, smollm2
 
 def test_organism_table_runs_on_the_tiny_organism(tmp_path, quick_suite):
     extra = ["--extra", "--trainer.max_steps=2", "--evaluation", quick_suite]
-    organism_table.main(["--methods", "base", "refusal_sft", "--n", "2", "--jobs", "1", "--out", str(tmp_path),
+    out = tmp_path / "results"  # not there yet: the benchmark makes it
+    organism_table.main(["--methods", "base", "refusal_sft", "--n", "2", "--jobs", "1", "--out", str(out),
                          "--work", str(tmp_path / "work"), *extra])
-    table = json.loads((tmp_path / "organism_table.json").read_text())
+    table = json.loads((out / "organism_table.json").read_text())
     assert set(table["methods"]) == {"base", "refusal_sft"}
     assert table["methods"]["refusal_sft"]["asr"]["prefill"]["train"]["n"] == 2
-    text = (tmp_path / "organism_table.md").read_text()
+    text = (out / "organism_table.md").read_text()
     assert "| refusal_sft |" in text and "**worst_case**" in text and "ASR by budget" in text
-    assert (tmp_path / "organism_table.png").stat().st_size > 0
-    assert (tmp_path / "organism_curves.png").stat().st_size > 0
+    assert (out / "organism_table.png").stat().st_size > 0
+    assert (out / "organism_curves.png").stat().st_size > 0
     assert set(table["methods"]["base"]["curves"]["embedding"]) == {"train", "heldout_synonym", "heldout_concept",
                                                                     "format_b", "format_c", "trigger"}
     # Re-attacking the trained checkpoint does not train again.
     checkpoint = tmp_path / "work" / "refusal_sft" / "seed0" / "checkpoints" / "last.ckpt"
     written = checkpoint.stat().st_mtime_ns
-    organism_table.main(["--methods", "refusal_sft", "--n", "2", "--jobs", "1", "--out", str(tmp_path),
+    organism_table.main(["--methods", "refusal_sft", "--n", "2", "--jobs", "1", "--out", str(out),
                          "--work", str(tmp_path / "work"), "--keep-checkpoints", *extra])
     assert checkpoint.stat().st_mtime_ns == written
-    again = json.loads((tmp_path / "organism_table.json").read_text())
+    again = json.loads((out / "organism_table.json").read_text())
     assert again["methods"]["refusal_sft"]["train_seconds"]["mean"] == table["methods"]["refusal_sft"]["train_seconds"]["mean"]
 
 
