@@ -21,6 +21,12 @@ from lit_safety.distributed import global_masked_mean, mean_across_ranks_
 from lit_safety.losses import masked_mean, wide, wide_dtype
 
 
+def floating_parameter(model) -> Tensor:
+    """The model's first floating-point weight: where and in what precision an adversary's
+    parameters live (quantized models hold integer weights too)."""
+    return next(p for p in model.parameters() if p.is_floating_point())
+
+
 def replace_output(output, new: Tensor):
     return (new, *output[1:]) if isinstance(output, tuple) else new
 
@@ -116,7 +122,7 @@ class ResidualAttack:
 
     @classmethod
     def for_model(cls, model, layer: int) -> ResidualAttack:
-        reference = next(p for p in model.parameters() if p.is_floating_point())
+        reference = floating_parameter(model)
         return cls(hidden_size(model), layer, reference.device, wide_dtype(reference.dtype))
 
     def parameters(self) -> list[Tensor]:
@@ -291,7 +297,7 @@ class LatentAdversary:
         self.mask = mask
         shape = (*mask.shape, hidden_size(model))
         self.epsilon = {name: float(epsilon[name] if isinstance(epsilon, dict) else epsilon) for name, _ in self.sites}
-        dtype = wide_dtype(next(model.parameters()).dtype)
+        dtype = wide_dtype(floating_parameter(model).dtype)
         self.units = {name: torch.zeros(shape, dtype=dtype, device=mask.device, requires_grad=True)
                       for name, _ in self.sites}
 

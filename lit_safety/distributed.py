@@ -2,8 +2,9 @@
 of processes: statistics (the triplet's harmful mean, scale-relative margins, calibrations) are
 global, any module trained inside a step that is shared by the batch (the triplet's miner) is
 trained on gradients averaged across data-parallel ranks, and a share of the batch is a share of the
-global batch (``leading_rows``). Training on N processes then takes the steps one process takes on the union of
-their batches (when every rank's batch holds as many tokens), which is what the sharded tests check.
+global batch (``leading_rows``). Training on N processes then takes the steps one process takes on
+the union of their batches (when every rank's batch holds as many tokens), which is what the sharded
+tests check.
 
 Per-example quantities (LAT's perturbation of each example) stay local: averaging them would mix
 examples. Outside ``torch.distributed`` every function is the identity.
