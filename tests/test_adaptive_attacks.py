@@ -20,7 +20,7 @@ from lit_safety.evaluation import (
     SafetyEvaluation,
     SampledResponses,
 )
-from lit_safety.evaluation.attacks import AttackResult, objective, snapshot_steps
+from lit_safety.evaluation.attacks import Attack, AttackResult, objective, snapshot_steps
 from lit_safety.evaluation.model_attacks import ablated, refusal_directions
 from lit_safety.evaluation.suffix import split_request
 
@@ -185,11 +185,11 @@ def test_random_restarts_attack_only_what_is_still_unbroken(setting):
 def test_suite_reports_worst_case_strict_reading_and_curves(setting):
     model, formatter, records = setting
 
-    class Fixed:
+    class Fixed(Attack):
         """An attack with fixed responses, to check the suite's arithmetic."""
 
-        def __init__(self, name, responses, broken_at=None):
-            self.name, self._responses, self._at = name, responses, broken_at
+        def __init__(self, name, responses, broken_at=None, tampers=False):
+            self.name, self._responses, self._at, self.tampers = name, responses, broken_at, tampers
 
         def describe(self):
             return {}
@@ -207,14 +207,17 @@ def test_suite_reports_worst_case_strict_reading_and_curves(setting):
     suite = SafetyEvaluation(attacks=[
         Fixed("a", [right[0], "junk", "junk", "junk"], [1, None, None, None]),
         Fixed("b", ["junk", right[1] + " sorry i cannot help with that", "junk", "junk"]),
+        Fixed("c", ["junk", "junk", right[2], "junk"], tampers=True),
     ], projector_layer=None)
     suite.prepare({"train": True}, model, reference=False)
     suite.evaluate(model, formatter.tokenizer, "train", records)
     results = suite.results()
     assert results["asr"]["a"]["train"]["rate"] == 0.25 and results["asr"]["b"]["train"]["rate"] == 0.25
-    assert results["asr"]["worst_case"]["train"]["rate"] == 0.5
+    assert results["asr"]["worst_case"]["train"]["rate"] == 0.75
+    assert results["asr"]["worst_case_inference"]["train"]["rate"] == 0.5  # the tampering attack left out
     assert results["asr_strict"]["b"]["train"]["rate"] == 0.0  # the answer, then a refusal sentence
-    assert results["asr_strict"]["worst_case"]["train"]["rate"] == 0.25
+    assert results["asr_strict"]["worst_case"]["train"]["rate"] == 0.5
+    assert results["asr_strict"]["worst_case_inference"]["train"]["rate"] == 0.25
     assert results["curves"]["a"]["train"][1]["rate"] == 0.25 and "b" not in results["curves"]
 
 

@@ -62,21 +62,25 @@ def test_frontier_keeps_only_undominated_points():
 def test_frontier_reports_the_embedding_budgets_of_the_targets_and_the_best_setting_per_axis():
     from benchmarks.frontier import markdown, point
 
-    def run(worst, at300, accuracy, budgets=("300", "1000")):
+    def run(worst, at300, accuracy, budgets=("300", "1000"), inference=None):
         curve = {b: {"rate": at300 if b == "300" else 1.0} for b in budgets}
-        return {"asr": {"worst_case": {s: {"rate": worst} for s in ("heldout_synonym", "heldout_concept")}},
-                "curves": {"embedding": {"heldout_synonym": curve}},
+        asr = {"worst_case": {s: {"rate": worst} for s in ("heldout_synonym", "heldout_concept")}}
+        if inference is not None:  # results from a suite with tampering beside inference-time attacks
+            asr["worst_case_inference"] = {s: {"rate": inference} for s in ("heldout_synonym", "heldout_concept")}
+        return {"asr": asr, "curves": {"embedding": {"heldout_synonym": curve}},
                 "benign_accuracy": {f: accuracy for f in "ABC"}, "train_seconds": 1.0}
 
     points = {"base": {"-": point([run(1.0, 1.0, 0.9)])},
               "a": {"1": point([run(1.0, 0.2, 0.9), run(1.0, 0.4, 0.9)]), "2": point([run(0.5, 0.0, 0.5)])},
-              "b": {"1": point([run(0.8, 0.6, 0.95, budgets=("300",))])}}
+              "b": {"1": point([run(0.8, 0.6, 0.95, budgets=("300",), inference=0.4)])}}
     assert points["a"]["1"]["embedding"]["300"]["mean"] == pytest.approx(0.3)
     assert "1000" not in points["b"]["1"]["embedding"]  # the attack stopped short of 1000 steps
     text = markdown(points, seeds=2, n=10)
-    assert "| b* | - = 1 | 0.80 | 0.80 | 0.60 | — |" in text  # b stopped short of 1000 steps
+    assert "| b* | - = 1 | 0.80 | 0.80 | 0.40 | 0.40 | 0.60 | — |" in text  # b stopped short of 1000 steps
+    assert "| a | - = 1 | 1.00 | 1.00 | — | — | 0.30 (0.20-0.40) |" in text  # a's results have no tampering
     # a at 2 is best on every ASR axis but costs benign accuracy: the capability-kept best are named
     assert "- worst case on heldout_synonym: b at 1, 0.80" in text
+    assert "- inference-time worst case on heldout_synonym: b at 1, 0.40" in text
     assert "- embedding @300 on heldout_synonym: a at 1, 0.30 (0.20-0.40)" in text
     assert "- embedding @1000 on heldout_synonym: a at 1, 1.00" in text
 

@@ -144,10 +144,13 @@ class AttackResult:
 
 class Attack:
     """Base of every attack: ``name`` keys its results, ``describe()`` is its budget;
-    ``needs_adapters``: it trains the model's LoRA weights (the others may get a merged copy)."""
+    ``needs_adapters``: it trains the model's LoRA weights (the others may get a merged copy);
+    ``tampers``: it changes the weights, a threat model (an attacker holding the weights) beyond the
+    inference-time attacks a jailbreak defense claims robustness to."""
 
     name = "attack"
     needs_adapters = False
+    tampers = False
 
     def describe(self) -> dict:
         return asdict(self)

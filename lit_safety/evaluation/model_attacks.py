@@ -167,6 +167,7 @@ class HarmfulFineTuning(Attack):
     max_new_tokens: int = 24
     name = "tampering"
     needs_adapters = True
+    tampers = True
 
     def __post_init__(self) -> None:
         _check_source(self.pairs, "HarmfulFineTuning", "pairs")
