@@ -38,6 +38,7 @@ METHODS = {
     "refat": "configs/refat.yaml",
     "triplet_latent": "configs/triplet_latent.yaml",
     "triplet_suffix": "configs/triplet_suffix.yaml",
+    "triplet_latent_suffix": "configs/triplet_latent_suffix.yaml",
     "lat_embedding": "configs/lat_embedding.yaml",
 }
 SPLITS = ["train", "heldout_synonym", "heldout_concept", "format_b", "format_c"]

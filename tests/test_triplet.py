@@ -137,6 +137,12 @@ def test_latent_miner_restores_harmful_completions_within_its_radius_and_only_on
     ({"miner": "latent", "mining_interval": 1, "mining_layers": ["resid"]}, "model.mining_layers: unknown attack site"),
     ({"miner": "suffix", "mining_interval": 1, "mining_suffix_length": 0}, "mining_suffix_length must be >= 1"),
     ({"miner": "suffix", "mining_interval": 1, "mining_suffix_init": "zzqx"}, "mining_suffix_init: 'zzqx' is not in"),
+    ({"miner": ["residual", "latent"], "mining_interval": 1}, "miner: the residual miner .* cannot take turns"),
+    ({"miner": ["latent", "latent"], "mining_interval": 1}, "miner: a miner or a list of distinct miners"),
+    ({"miner": [], "mining_interval": 1}, "miner: a miner or a list of distinct miners"),
+    ({"miner": ["latent", "suffix"], "mining_interval": 1, "mining_epsilon": [1.0]},
+     r"mining_epsilon: one radius or one per miner \(\['latent', 'suffix'\]\)"),
+    ({"miner": ["latent", "suffix"], "mining_interval": 5}, "mining_interval: the latent/suffix miner"),
 ])
 def test_bad_miner_settings_are_one_line_errors(options, message):
     with pytest.raises((ValueError, BackboneError), match=message):
@@ -194,3 +200,27 @@ def test_suffix_slots_by_hand():
     assert out.slots.int().tolist() == [[0, 0, 1, 1, 0, 0, 0, 0], [0] * 8]
     states = torch.arange(16.0).view(2, 8, 1)
     assert out.original(states).squeeze(-1).tolist() == [[0, 1, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13]]
+
+
+def test_miners_take_turns_each_with_its_own_radius(harmful_batch):
+    module = TripletDefenseModule(layers_benign=[0, 1], layers_harmful=[1], mining=True, miner=["latent", "suffix"],
+                                  mining_interval=1, mining_steps=2, mining_lr=0.25, mining_fraction=0.5,
+                                  mining_layers=[0], mining_epsilon=[0.5, 3.0], mining_suffix_length=4,
+                                  mining_suffix_init="please")
+    module.configure_model()
+    module.calibration = module.calibrate(harmful_batch)
+    assert set(module.calibration) == {"site_norm/0", "site_norm/embedding"}  # every miner's sites
+    module.train()
+    seen = {}
+    for _ in range(8):
+        logged = {}
+        module.log_dict = lambda values, **_: logged.update(values)
+        module.compute_losses(harmful_batch)
+        miner = ["latent", "suffix"][int(logged["train/miner"])]
+        site = "embedding" if miner == "suffix" else 0
+        assert logged["train/mining_layer"] == (-1.0 if miner == "suffix" else 0.0)
+        assert (module.slotted is not None) == (miner == "suffix")  # soft vectors only on the suffix miner's turns
+        seen[miner] = logged["train/mining_radius"]
+        epsilon = 3.0 if miner == "suffix" else 0.5
+        assert seen[miner] == pytest.approx(epsilon * float(module.calibration[f"site_norm/{site}"]))
+    assert set(seen) == {"latent", "suffix"}

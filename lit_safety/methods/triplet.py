@@ -15,7 +15,8 @@ h -> h + W h + b after one layer, trained every ``mining_interval`` steps and re
 targeted LAT's latent adversary (``miner: latent``: a per-token L2-bounded perturbation of the prompt
 positions at one site, a decoder layer or the embeddings, fitted to each batch's own examples), or the
 suite's embedding attack (``miner: suffix``: soft suffix vectors at the end of the user turn,
-optimised toward the harmful answer).
+optimised toward the harmful answer), or several of the per-batch miners, one drawn at every step
+(``miner: [latent, suffix]``: hard negatives from more than one threat model).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from lit_safety.representations import completion_window, forward_states, joint_
 
 Distance = Literal["l2", "cosine", "mix"]
 Positions = Literal["completion", "prompt", "all"]
+Miner = Literal["residual", "latent", "suffix"]
 
 
 class TripletDefenseModule(SafetyModule):
@@ -73,7 +75,7 @@ class TripletDefenseModule(SafetyModule):
         miner: "residual" (the paper's module), "latent" (LAT's per-token L2 adversary on the prompt) or
             "suffix" (``mining_suffix_length`` soft vectors at the end of the user turn, starting as the
             ``mining_suffix_init`` token, each within ``mining_epsilon`` of its start: the suite's
-            embedding attack).
+            embedding attack); or a list of the latent and suffix miners, one drawn at every step.
         mining_interval: optimizer steps between fresh residual modules (paper: 30); the latent and
             suffix miners perturb each batch's own examples, so they mine every step and need 1.
         mining_steps: Adam steps that train each adversary.
@@ -85,7 +87,8 @@ class TripletDefenseModule(SafetyModule):
             latent miner, "embedding"); each must be before the deepest triplet layer, or the
             adversary could not change any state used.
         mining_epsilon: the latent and suffix miners' per-token L2 radius, in units of the site's mean
-            reference activation norm (calibrated on the first batch).
+            reference activation norm (calibrated on the first batch); with a list of miners, one
+            radius for all or a list of one per miner.
         mining_suffix_length: soft suffix vectors of the suffix miner.
         mining_suffix_init: the text whose first token every suffix vector starts as.
         mining_seed: seed of the mining site draws.
@@ -112,13 +115,13 @@ class TripletDefenseModule(SafetyModule):
         temperature: float = 2.0,
         positions: Positions = "completion",
         mining: bool = False,
-        miner: Literal["residual", "latent", "suffix"] = "residual",
+        miner: Miner | list[Miner] = "residual",
         mining_interval: int = 30,
         mining_steps: int = 30,
         mining_lr: float = 1e-3,
         mining_fraction: float = 0.3,
         mining_layers: list[int | str] = [0, 1],  # noqa: B006
-        mining_epsilon: float = 0.5,
+        mining_epsilon: float | list[float] = 0.5,
         mining_suffix_length: int = 10,
         mining_suffix_init: str = "!",
         mining_seed: int = 0,
@@ -134,13 +137,24 @@ class TripletDefenseModule(SafetyModule):
             raise ValueError("benign_weight, harmful_weight and kl_weight must be >= 0")
         if mining_interval < 1 or mining_steps < 0:
             raise ValueError("mining_interval must be >= 1 and mining_steps >= 0")
-        if mining and miner != "residual" and mining_interval != 1:
-            raise ValueError(f"mining_interval: the {miner} miner perturbs each batch's own examples and mines every "
-                             f"step; set mining_interval: 1 (got {mining_interval})")
+        self.miners: list[str] = [miner] if isinstance(miner, str) else list(miner)
+        if not self.miners or len(set(self.miners)) < len(self.miners):
+            raise ValueError(f"miner: a miner or a list of distinct miners, got {miner}")
+        if len(self.miners) > 1 and "residual" in self.miners:
+            raise ValueError(f"miner: the residual miner serves mining_interval steps and cannot take turns with the "
+                             f"per-batch miners, got {miner}")
+        epsilons = mining_epsilon if isinstance(mining_epsilon, list) else [mining_epsilon] * len(self.miners)
+        if len(epsilons) != len(self.miners):
+            raise ValueError(f"mining_epsilon: one radius or one per miner ({self.miners}), got {mining_epsilon}")
+        if min(epsilons) <= 0:
+            raise ValueError(f"mining_epsilon must be > 0, got {mining_epsilon}")
+        self.epsilons = dict(zip(self.miners, epsilons))
+        self.per_batch = self.miners != ["residual"]  # latent and suffix miners perturb each batch's examples
+        if mining and self.per_batch and mining_interval != 1:
+            raise ValueError(f"mining_interval: the {'/'.join(self.miners)} miner perturbs each batch's own examples "
+                             f"and mines every step; set mining_interval: 1 (got {mining_interval})")
         if mining_suffix_length < 1:
             raise ValueError(f"mining_suffix_length must be >= 1, got {mining_suffix_length}")
-        if mining_epsilon <= 0:
-            raise ValueError(f"mining_epsilon must be > 0, got {mining_epsilon}")
         self.rng = random.Random(mining_seed)
         self.miner: ResidualAttack | None = None  # not a parameter: checkpointed by training_state
         self.latent: LatentAdversary | None = None  # this step's latent perturbation (belongs to its batch)
@@ -157,14 +171,14 @@ class TripletDefenseModule(SafetyModule):
         self.resolve(hp.layers_benign, "model.layers_benign")
         deepest = max(self.resolve(hp.layers_harmful, "model.layers_harmful") + self.resolve(hp.layers_benign))
         if hp.mining:
-            if hp.miner == "residual" and not all(isinstance(layer, int) for layer in hp.mining_layers):
+            if not self.per_batch and not all(isinstance(layer, int) for layer in hp.mining_layers):
                 raise BackboneError(f"model.mining_layers: the residual miner acts after decoder layers, got "
                                     f"{hp.mining_layers}")
             try:
-                sites = check_sites(self._sites(), num_layers)
+                sites = check_sites(self._all_sites(), num_layers)
             except ValueError as e:
                 raise BackboneError(f"model.mining_layers: {e}") from None
-            if hp.miner == "suffix":
+            if "suffix" in self.miners:
                 self._suffix_slot  # noqa: B018 - an init text outside the vocabulary fails here, before training
             mining = [-1 if site == "embedding" else site for site in sites]
             if max(mining) >= deepest:
@@ -173,16 +187,19 @@ class TripletDefenseModule(SafetyModule):
                     "an attack module after it changes no state the triplet terms see"
                 )
 
-    def _sites(self) -> list[int | str]:
-        return ["embedding"] if self.hparams.miner == "suffix" else list(self.hparams.mining_layers)
+    def _sites(self, miner: str) -> list[int | str]:
+        return ["embedding"] if miner == "suffix" else list(self.hparams.mining_layers)
+
+    def _all_sites(self) -> list[int | str]:
+        return list(dict.fromkeys(site for miner in self.miners for site in self._sites(miner)))
 
     def calibrate(self, batch) -> dict[str, Tensor]:
         hp = self.hparams
-        if not (hp.mining and hp.miner != "residual"):
+        if not (hp.mining and self.per_batch):
             return {}
         harmful = batch["harmful"]["completion"]
         with self.reference():
-            norms = site_norms(self.model, self._sites(), harmful["input_ids"], harmful["attention_mask"],
+            norms = site_norms(self.model, self._all_sites(), harmful["input_ids"], harmful["attention_mask"],
                                harmful["prompt_mask"], across_ranks=True)
         return {f"site_norm/{site}": torch.tensor(norm) for site, norm in norms.items()}
 
@@ -240,17 +257,19 @@ class TripletDefenseModule(SafetyModule):
         the (unchanged) LoRA model produce their harmful completions."""
         hp = self.hparams
         self.latent = self.slotted = None
-        site = self.rng.choice(self._sites())  # drawn by every rank, mining or not: one stream of sites
+        # Drawn by every rank, mining or not: one stream of miners and sites.
+        miner = self.rng.choice(self.miners) if len(self.miners) > 1 else self.miners[0]
+        site = self.rng.choice(self._sites(miner))
         rows = leading_rows(hp.mining_fraction, harmful["input_ids"].shape[0])
         # A rank that mines none of its rows still runs the inner loop, on one row with zero weight:
         # under FSDP every forward is a collective, so every rank must run as many.
         attacked = max(rows, 1)
-        if hp.miner == "suffix":
+        if miner == "suffix":
             self.slotted = suffix_slots(harmful, attacked, hp.mining_suffix_length, *self._suffix_slot)
         sequences = harmful if self.slotted is None else self.slotted.sequences
         mined = {key: value[:attacked] for key, value in sequences.items()}
         mask = mined["prompt_mask"] if self.slotted is None else self.slotted.slots[:attacked]
-        radius = hp.mining_epsilon * float(self.calibration[f"site_norm/{site}"])
+        radius = self.epsilons[miner] * float(self.calibration[f"site_norm/{site}"])
         adversary = LatentAdversary(self.model, [site], mask, radius)
         with adversary.attached(), self.adapters_frozen():
             # Scaled by the examples, as LAT's: each example's perturbation follows its own loss.
@@ -262,7 +281,8 @@ class TripletDefenseModule(SafetyModule):
         adversary.freeze()
         adversary.padded(harmful["input_ids"].shape[0])
         self.latent = adversary
-        logged = {"train/mining_layer": -1.0 if site == "embedding" else float(site), "train/mining_radius": radius,
+        logged = {"train/miner": float(self.miners.index(miner)),
+                  "train/mining_layer": -1.0 if site == "embedding" else float(site), "train/mining_radius": radius,
                   "train/mining_dropped_steps": float(dropped(losses)),
                   "train/mining_norm": float(next(iter(adversary.norms().values())))}
         if finite(losses):
@@ -313,7 +333,7 @@ class TripletDefenseModule(SafetyModule):
 
         if not self.training:
             self.latent = self.slotted = None
-        elif hp.mining and hp.miner != "residual":  # every batch, accumulated micro-batches included
+        elif hp.mining and self.per_batch:  # every batch, accumulated micro-batches included
             self._mine_latent(harmful)
         elif hp.mining and self.global_step % hp.mining_interval == 0 and self._mined_at_step != self.global_step:
             self._mined_at_step = self.global_step
