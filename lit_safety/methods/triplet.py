@@ -91,7 +91,7 @@ class TripletDefenseModule(SafetyModule):
             radius for all or a list of one per miner.
         mining_suffix_length: soft suffix vectors of the suffix miner.
         mining_suffix_init: the text whose first token every suffix vector starts as.
-        mining_seed: seed of the mining site draws.
+        mining_seed: seed of the draws of miner and mining site.
         **kwargs: model, LoRA and optimiser settings of ``SafetyModule``.
     """
 
