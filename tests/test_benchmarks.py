@@ -169,3 +169,20 @@ def test_throughput_compares_each_method_with_the_sft_step(tmp_path, quick_suite
     assert rows["triplet"]["tokens"] == rows["refusal_sft"]["tokens"]  # the same batch
     assert results["attack_seconds_per_behaviour"]["gcg"] > 0
     assert "| triplet |" in (tmp_path / "throughput.md").read_text()
+
+
+def test_organism_table_puts_rows_from_before_an_attack_beside_rows_that_have_it():
+    from benchmarks.organism_table import aggregate, markdown
+
+    def result(attacks):
+        cell = {"rate": 0.5, "low": 0.2, "high": 0.8, "n": 4}
+        return {"asr": {a: {"train": cell} for a in attacks}, "gibberish": {a: {"train": 0.0} for a in attacks},
+                "attack_seconds": {a: 1.0 for a in attacks if not a.startswith("worst")},
+                "benign_accuracy": {k: 0.9 for k in ("A", "B", "C", "borderline")}, "benign_kl": {"A": 0.0},
+                "over_refusal": {"borderline": 0.0}, "train_seconds": 1.0, "eval_seconds": 2.0}
+
+    table = aggregate({"old": [result(["prefill", "worst_case"])],
+                       "new": [result(["prefill", "tampering", "worst_case", "worst_case_inference"])]})
+    text = markdown(table, {}, seeds=1, n=4, seed_seconds=[None], jobs=1)
+    assert "**worst_case_inference**" in text and "| old | — |" in text and "| new | 0.50 |" in text
+    assert "| method | prefill | tampering |" in text  # worst cases are not timed
