@@ -34,11 +34,13 @@ METHODS = {
     "triplet_adv": ["--model.mining_fraction=0.3", "--model.mining_steps=3", "--model.mining_interval=2"],
     "triplet_latent": ["--model.mining_fraction=0.3", "--model.mining_steps=2"],
     "triplet_suffix": ["--model.mining_fraction=0.3", "--model.mining_steps=2", "--model.mining_suffix_init=ok"],
+    # Both miners within the 3 steps (mining_seed 0 draws suffix, latent, suffix).
+    "triplet_latent_suffix": ["--model.mining_fraction=0.3", "--model.mining_steps=2", "--model.mining_suffix_init=ok"],
     "lat": ["--model.adversary.layers=[0, 1]", "--model.adversary.steps=2"],
     "circuit_breaker": [],
 }
 TOLERANCE = 1e-9  # relative, per adapter tensor
-INNER_LOOP = ("lat", "triplet_adv", "triplet_latent", "triplet_suffix")  # refused under FSDP (one backward per forward)
+INNER_LOOP = ("lat", "triplet_adv", "triplet_latent", "triplet_suffix", "triplet_latent_suffix")  # refused under FSDP (one backward per forward)
 
 
 
