@@ -10,6 +10,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The keys of a result's "asr" that are worst cases over its attacks (SafetyEvaluation), not attacks.
+WORST_CASES = ("worst_case", "worst_case_inference")
 
 
 def run(args: list[str], log: str, threads: int | None = None) -> float:

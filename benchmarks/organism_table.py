@@ -26,7 +26,7 @@ import time
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import ROOT, atomic_write, run, spread, spread_cell
+from benchmarks.common import ROOT, WORST_CASES, atomic_write, run, spread, spread_cell
 
 METHODS = {
     "base": None,
@@ -121,8 +121,13 @@ def aggregate(per_seed: dict[str, list[dict]]) -> dict:
     return table
 
 
+def table_attacks(table: dict) -> list[str]:
+    """Every attack (and worst case) of any row, in order: rows may predate an attack."""
+    return list(dict.fromkeys(a for row in table.values() for a in row["asr"]))
+
+
 def markdown(table: dict, budgets: dict, seeds: int, n: int, seed_seconds: list[float | None], jobs: int) -> str:
-    attacks = list(dict.fromkeys(a for row in table.values() for a in row["asr"]))  # rows may predate an attack
+    attacks = table_attacks(table)
     lines = [f"ASR (exact judge) per attack and split; {n} behaviours per split, {seeds} seed(s), mean (min-max).", ""]
     for attack in attacks:
         lines += [f"**{attack}**", "", "| method | " + " | ".join(SPLITS) + " |", "|---" * (len(SPLITS) + 1) + "|"]
@@ -148,7 +153,7 @@ def markdown(table: dict, budgets: dict, seeds: int, n: int, seed_seconds: list[
                 if curve:
                     lines.append(f"| {method} | {split} | " + " | ".join(spread_cell(curve[b]) for b in points) + " |")
         lines.append("")
-    timed = [a for a in attacks if not a.startswith("worst_case")]
+    timed = [a for a in attacks if a not in WORST_CASES]
     lines += ["**seconds per attack** (all splits, mean over seeds)", "",
               "| method | " + " | ".join(timed) + " |", "|---" * (len(timed) + 1) + "|"]
     for method, row in table.items():
@@ -178,12 +183,12 @@ def plot(table: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    attacks = list(dict.fromkeys(a for row in table.values() for a in row["asr"]))  # rows may predate an attack
+    attacks = table_attacks(table)
     fig, axes = plt.subplots(1, len(attacks), figsize=(3.2 * len(attacks), 3.6), sharey=True)
     width = 0.8 / len(table)
     for ax, attack in zip(axes, attacks):
         for i, (method, row) in enumerate(table.items()):
-            cells = [row["asr"][attack].get(s) for s in SPLITS]
+            cells = [row["asr"].get(attack, {}).get(s) for s in SPLITS]
             means = [c["mean"] if c else float("nan") for c in cells]  # no bar where the attack did not run
             spread = [[max(c["mean"] - c["min"], 0.0) if c else 0.0 for c in cells],
                       [max(c["max"] - c["mean"], 0.0) if c else 0.0 for c in cells]]

@@ -30,7 +30,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import ROOT, atomic_write, interval_cell, judge_agreement, run
+from benchmarks.common import ROOT, WORST_CASES, atomic_write, interval_cell, judge_agreement, run
 
 METHODS = ["base", "refusal_sft", "circuit_breaker", "lat", "triplet"]
 # evaluation set -> split -> (results stem, test splits: harmful ones first, then the benign ones)
@@ -116,7 +116,7 @@ def _cell(value: float | None, digits: int = 2) -> str:
 def markdown(rows: dict, evaluation: str, split: str) -> str:
     first = next(iter(rows.values()))
     retain = list(first["benign_refused"])
-    attacks = [a for a in first["asr"] if a != "worst_case"] + ["worst_case"]
+    attacks = [a for a in first["asr"] if a not in WORST_CASES] + [w for w in WORST_CASES if w in first["asr"]]
     what = ("HarmBench standard behaviours, with the base's answers as the embedding attack's target, and "
             "150 benign-but-edgy prompts" if evaluation == "harmbench" else "requests of the SmolLM2 research set")
     lines = [

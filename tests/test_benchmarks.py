@@ -171,8 +171,8 @@ def test_throughput_compares_each_method_with_the_sft_step(tmp_path, quick_suite
     assert "| triplet |" in (tmp_path / "throughput.md").read_text()
 
 
-def test_organism_table_puts_rows_from_before_an_attack_beside_rows_that_have_it():
-    from benchmarks.organism_table import aggregate, markdown
+def test_organism_table_puts_rows_from_before_an_attack_beside_rows_that_have_it(tmp_path):
+    from benchmarks.organism_table import aggregate, markdown, plot
 
     def result(attacks):
         cell = {"rate": 0.5, "low": 0.2, "high": 0.8, "n": 4}
@@ -186,3 +186,5 @@ def test_organism_table_puts_rows_from_before_an_attack_beside_rows_that_have_it
     text = markdown(table, {}, seeds=1, n=4, seed_seconds=[None], jobs=1)
     assert "**worst_case_inference**" in text and "| old | — |" in text and "| new | 0.50 |" in text
     assert "| method | prefill | tampering |" in text  # worst cases are not timed
+    plot(table, str(tmp_path / "table.png"))  # a panel per attack, without bars for the old row's missing ones
+    assert (tmp_path / "table.png").stat().st_size > 0
