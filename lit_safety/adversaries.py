@@ -288,18 +288,25 @@ class LatentAdversary:
     Args:
         model: the model under attack (its hidden size is read from it).
         sites: decoder layer indices and/or "embedding".
-        mask: [B, T] positions that may be perturbed.
+        mask: [B, T] positions that may be perturbed (a dict site -> mask, or one mask for all; every
+            mask of one shape).
         epsilon: per-site radius (a dict site -> radius, or one radius for all).
     """
 
-    def __init__(self, model, sites: list[int | str], mask: Tensor, epsilon: dict | float):
+    def __init__(self, model, sites: list[int | str], mask: Tensor | dict, epsilon: dict | float):
         self.sites = attack_sites(model, sites)
-        self.mask = mask
-        shape = (*mask.shape, hidden_size(model))
+        self.masks = {name: mask[name] if isinstance(mask, dict) else mask for name, _ in self.sites}
+        first = next(iter(self.masks.values()))
+        shape = (*first.shape, hidden_size(model))
         self.epsilon = {name: float(epsilon[name] if isinstance(epsilon, dict) else epsilon) for name, _ in self.sites}
         dtype = wide_dtype(floating_parameter(model).dtype)
-        self.units = {name: torch.zeros(shape, dtype=dtype, device=mask.device, requires_grad=True)
+        self.units = {name: torch.zeros(shape, dtype=dtype, device=first.device, requires_grad=True)
                       for name, _ in self.sites}
+
+    @property
+    def rows(self) -> int:
+        """Examples perturbed."""
+        return next(iter(self.units.values())).shape[0]
 
     def parameters(self) -> list[Tensor]:
         return list(self.units.values())
@@ -309,8 +316,8 @@ class LatentAdversary:
 
     def project(self) -> None:
         with torch.no_grad():
-            for u in self.units.values():
-                u.copy_(project_per_token(u, 1.0, self.mask))
+            for name, u in self.units.items():
+                u.copy_(project_per_token(u, 1.0, self.masks[name]))
 
     def freeze(self) -> None:
         """Fix the perturbation (the model update must not compute gradients for it)."""
@@ -320,15 +327,15 @@ class LatentAdversary:
     def padded(self, rows: int) -> None:
         """Extend the (frozen) perturbation with zero rows up to ``rows`` examples: the attacked
         examples come first in a batch whose other examples pass unperturbed in the same forward."""
-        extra = rows - self.mask.shape[0]
-        self.mask = torch.cat([self.mask, self.mask.new_zeros(extra, self.mask.shape[1])])
+        extra = rows - self.rows
+        self.masks = {name: torch.cat([m, m.new_zeros(extra, m.shape[1])]) for name, m in self.masks.items()}
         self.units = {name: torch.cat([u, u.new_zeros(extra, *u.shape[1:])]) for name, u in self.units.items()}
 
     def norms(self) -> dict:
         """Mean per-token ||delta_t||_2 of each site over the perturbed positions."""
         with torch.no_grad():
-            count = self.mask.sum().clamp_min(1)
-            return {name: (self.delta(name).norm(dim=-1) * self.mask).sum() / count for name in self.units}
+            return {name: (self.delta(name).norm(dim=-1) * self.masks[name]).sum() / self.masks[name].sum().clamp_min(1)
+                    for name in self.units}
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:

@@ -143,6 +143,9 @@ def test_latent_miner_restores_harmful_completions_within_its_radius_and_only_on
     ({"miner": ["latent", "suffix"], "mining_interval": 1, "mining_epsilon": [1.0]},
      r"mining_epsilon: one radius or one per miner \(\['latent', 'suffix'\]\)"),
     ({"miner": ["latent", "suffix"], "mining_interval": 5}, "mining_interval: the latent/suffix miner"),
+    ({"miner": "latent", "mining_interval": 1, "mining_together": True}, "mining_together: the latent and suffix"),
+    ({"miner": ["latent", "suffix"], "mining_interval": 1, "mining_together": True, "mining_layers": ["embedding"]},
+     "mining_layers: with mining_together the latent miner acts after decoder layers"),
 ])
 def test_bad_miner_settings_are_one_line_errors(options, message):
     with pytest.raises((ValueError, BackboneError), match=message):
@@ -224,3 +227,30 @@ def test_miners_take_turns_each_with_its_own_radius(harmful_batch):
         epsilon = 3.0 if miner == "suffix" else 0.5
         assert seen[miner] == pytest.approx(epsilon * float(module.calibration[f"site_norm/{site}"]))
     assert set(seen) == {"latent", "suffix"}
+
+
+def test_miners_together_perturb_every_mined_example_at_both_sites_each_within_its_radius(harmful_batch):
+    module = TripletDefenseModule(layers_benign=[0, 1], layers_harmful=[1], mining=True, miner=["latent", "suffix"],
+                                  mining_interval=1, mining_steps=8, mining_lr=0.25, mining_fraction=0.5,
+                                  mining_layers=[0], mining_epsilon=[0.5, 3.0], mining_suffix_length=4,
+                                  mining_suffix_init="please", mining_together=True)
+    module.configure_model()
+    module.calibration = module.calibrate(harmful_batch)
+    module.train()
+    logged = {}
+    module.log_dict = lambda values, **_: logged.update(values)
+    module.compute_losses(harmful_batch)["loss"].backward()
+    assert all("lora_" in n for n, p in module.named_parameters() if p.grad is not None)
+    assert logged["train/mining_loss_last"] < logged["train/mining_loss_first"] and "train/miner" not in logged
+    assert logged["train/mining_layer"] == 0.0
+    rows = harmful_batch["harmful"]["completion"]["input_ids"].shape[0]
+    slots = module.slotted.slots  # the suffix miner's soft vectors, in the mined rows only
+    prompt = module.slotted.sequences["prompt_mask"] & ~slots
+    for miner, site, epsilon, where in (("latent", 0, 0.5, prompt), ("suffix", "embedding", 3.0, slots)):
+        radius = logged[f"train/mining_radius_{miner}"]
+        assert radius == pytest.approx(epsilon * float(module.calibration[f"site_norm/{site}"]))
+        delta = module.latent.delta(site)
+        norms = delta.norm(dim=-1)
+        assert norms.max() <= radius * (1 + 1e-5) and logged[f"train/mining_norm_{miner}"] > 0
+        assert torch.all(norms[~where] == 0) and torch.all(norms[rows // 2:] == 0)  # its own positions only
+        assert (norms[: rows // 2][where[: rows // 2]] > 0).all()  # on every mined example

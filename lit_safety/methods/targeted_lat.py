@@ -139,7 +139,7 @@ class TargetedLATModule(SafetyModule):
                 # Each example's perturbation follows its own loss: scaled by the batch's size, the
                 # batch mean's gradient does not shrink with it (Adam's epsilon would then make the
                 # step depend on the number of examples per process).
-                examples = adversary.mask.shape[0]
+                examples = adversary.rows
                 with self.adapters_frozen():
                     losses = adversary.optimise(lambda: examples * adversary_loss(), self.adversary.steps,
                                                 self.adversary.lr)

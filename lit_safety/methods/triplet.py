@@ -16,7 +16,9 @@ targeted LAT's latent adversary (``miner: latent``: a per-token L2-bounded pertu
 positions at one site, a decoder layer or the embeddings, fitted to each batch's own examples), or the
 suite's embedding attack (``miner: suffix``: soft suffix vectors at the end of the user turn,
 optimised toward the harmful answer), or several of the per-batch miners, one drawn at every step
-(``miner: [latent, suffix]``: hard negatives from more than one threat model).
+(``miner: [latent, suffix]``: hard negatives from more than one threat model) or acting together
+(``mining_together: true``: a latent perturbation of the prompt and a soft suffix optimised jointly, the
+composed threat of an unseen request under an embedding attack).
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ class TripletDefenseModule(SafetyModule):
         miner: "residual" (the paper's module), "latent" (LAT's per-token L2 adversary on the prompt) or
             "suffix" (``mining_suffix_length`` soft vectors at the end of the user turn, starting as the
             ``mining_suffix_init`` token, each within ``mining_epsilon`` of its start: the suite's
-            embedding attack); or a list of the latent and suffix miners, one drawn at every step.
+            embedding attack); or a list of the latent and suffix miners, one drawn at every step
+            (or acting together: ``mining_together``).
         mining_interval: optimizer steps between fresh residual modules (paper: 30); the latent and
             suffix miners perturb each batch's own examples, so they mine every step and need 1.
         mining_steps: Adam steps that train each adversary.
@@ -91,6 +94,9 @@ class TripletDefenseModule(SafetyModule):
             radius for all or a list of one per miner.
         mining_suffix_length: soft suffix vectors of the suffix miner.
         mining_suffix_init: the text whose first token every suffix vector starts as.
+        mining_together: the listed latent and suffix miners perturb every mined example together,
+            optimised jointly (the latent one at decoder-layer sites: the suffix owns the embeddings),
+            instead of one drawn per step.
         mining_seed: seed of the draws of miner and mining site.
         **kwargs: model, LoRA and optimiser settings of ``SafetyModule``.
     """
@@ -124,6 +130,7 @@ class TripletDefenseModule(SafetyModule):
         mining_epsilon: float | list[float] = 0.5,
         mining_suffix_length: int = 10,
         mining_suffix_init: str = "!",
+        mining_together: bool = False,
         mining_seed: int = 0,
         **kwargs,
     ):
@@ -153,6 +160,11 @@ class TripletDefenseModule(SafetyModule):
         if mining and self.per_batch and mining_interval != 1:
             raise ValueError(f"mining_interval: the {'/'.join(self.miners)} miner perturbs each batch's own examples "
                              f"and mines every step; set mining_interval: 1 (got {mining_interval})")
+        if mining_together and sorted(self.miners) != ["latent", "suffix"]:
+            raise ValueError(f"mining_together: the latent and suffix miners act together, got miner {miner}")
+        if mining_together and "embedding" in mining_layers:
+            raise ValueError("mining_layers: with mining_together the latent miner acts after decoder layers (the "
+                             f"suffix miner owns the embeddings), got {mining_layers}")
         if mining_suffix_length < 1:
             raise ValueError(f"mining_suffix_length must be >= 1, got {mining_suffix_length}")
         self.rng = random.Random(mining_seed)
@@ -253,24 +265,29 @@ class TripletDefenseModule(SafetyModule):
         return ChatFormatter(tokenizer).user_turn_tail(), init[0]
 
     def _mine_latent(self, harmful: dict) -> None:
-        """Fit a latent perturbation (or soft suffix) of the first mined examples' prompts that makes
+        """Fit a latent perturbation and/or soft suffix of the first mined examples' prompts that makes
         the (unchanged) LoRA model produce their harmful completions."""
         hp = self.hparams
         self.latent = self.slotted = None
         # Drawn by every rank, mining or not: one stream of miners and sites.
-        miner = self.rng.choice(self.miners) if len(self.miners) > 1 else self.miners[0]
-        site = self.rng.choice(self._sites(miner))
+        if hp.mining_together:
+            miners = self.miners
+        else:
+            miners = [self.rng.choice(self.miners) if len(self.miners) > 1 else self.miners[0]]
+        sites = {miner: self.rng.choice(self._sites(miner)) for miner in miners}
         rows = leading_rows(hp.mining_fraction, harmful["input_ids"].shape[0])
         # A rank that mines none of its rows still runs the inner loop, on one row with zero weight:
         # under FSDP every forward is a collective, so every rank must run as many.
         attacked = max(rows, 1)
-        if miner == "suffix":
+        if "suffix" in miners:
             self.slotted = suffix_slots(harmful, attacked, hp.mining_suffix_length, *self._suffix_slot)
         sequences = harmful if self.slotted is None else self.slotted.sequences
         mined = {key: value[:attacked] for key, value in sequences.items()}
-        mask = mined["prompt_mask"] if self.slotted is None else self.slotted.slots[:attacked]
-        radius = self.epsilons[miner] * float(self.calibration[f"site_norm/{site}"])
-        adversary = LatentAdversary(self.model, [site], mask, radius)
+        prompt = mined["prompt_mask"] if self.slotted is None else mined["prompt_mask"] & ~self.slotted.slots[:attacked]
+        masks = {site: self.slotted.slots[:attacked] if miner == "suffix" else prompt for miner, site in sites.items()}
+        radii = {site: self.epsilons[miner] * float(self.calibration[f"site_norm/{site}"])
+                 for miner, site in sites.items()}
+        adversary = LatentAdversary(self.model, list(sites.values()), masks, radii)
         with adversary.attached(), self.adapters_frozen():
             # Scaled by the examples, as LAT's: each example's perturbation follows its own loss.
             losses = adversary.optimise(lambda: rows * toward(*completion_window(self.model, mined)), hp.mining_steps,
@@ -281,10 +298,15 @@ class TripletDefenseModule(SafetyModule):
         adversary.freeze()
         adversary.padded(harmful["input_ids"].shape[0])
         self.latent = adversary
-        logged = {"train/miner": float(self.miners.index(miner)),
-                  "train/mining_layer": -1.0 if site == "embedding" else float(site), "train/mining_radius": radius,
-                  "train/mining_dropped_steps": float(dropped(losses)),
-                  "train/mining_norm": float(next(iter(adversary.norms().values())))}
+        norms = adversary.norms()
+        logged = {"train/mining_dropped_steps": float(dropped(losses))}
+        if not hp.mining_together:
+            logged["train/miner"] = float(self.miners.index(miners[0]))
+        for miner, site in sites.items():
+            tag = f"_{miner}" if hp.mining_together else ""  # together: each miner's own strength
+            logged.update({f"train/mining_radius{tag}": radii[site], f"train/mining_norm{tag}": float(norms[site])})
+            if miner == "latent" or not hp.mining_together:
+                logged["train/mining_layer"] = -1.0 if site == "embedding" else float(site)
         if finite(losses):
             logged.update({"train/mining_loss_first": finite(losses)[0] / rows,
                            "train/mining_loss_last": finite(losses)[-1] / rows})
