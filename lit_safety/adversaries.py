@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from lit_safety.backbone import decoder_layers, hidden_size, resolve_layers
+from lit_safety.data.formatting import ChatFormatter
 from lit_safety.distributed import global_masked_mean, mean_across_ranks_
 from lit_safety.losses import masked_mean, wide, wide_dtype
 
@@ -253,6 +254,16 @@ class SuffixSlots(NamedTuple):
         """[B, T + length, ...] states at the original batch's [B, T] positions."""
         rows, width = self.kept.shape[0], self.kept.shape[1] - int(self.kept[0].logical_not().sum())
         return states[self.kept].view(rows, width, *states.shape[2:])
+
+
+def suffix_slot(tokenizer, init: str, setting: str) -> tuple[int, int]:
+    """(template tokens after the user's content, the first token of ``init``): where suffix slots go
+    and what they start as, as in the suite's embedding attack. ``setting`` names ``init`` in the error
+    raised when it is not in the vocabulary."""
+    ids = tokenizer(init, add_special_tokens=False)["input_ids"]
+    if not ids or ids[0] == tokenizer.unk_token_id:
+        raise ValueError(f"{setting}: {init!r} is not in the tokenizer's vocabulary")
+    return ChatFormatter(tokenizer).user_turn_tail(), ids[0]
 
 
 def suffix_slots(sequences: dict, rows: int, length: int, tail: int, token_id: int) -> SuffixSlots:

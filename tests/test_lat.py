@@ -244,3 +244,43 @@ def test_completion_window_scores_like_the_full_logits(tiny_model_dir):
         short = model(input_ids=other["input_ids"], attention_mask=other["attention_mask"]).logits
         assert torch.allclose(sequence_logprob(*second), sequence_logprob(short, other["input_ids"],
                                                                            other["completion_mask"]), atol=1e-5)
+
+
+def test_suffix_adversary_perturbs_only_soft_slots_at_the_end_of_every_harmful_request(batch):
+    module = calibrated(TargetedLATModule(adversary=LATAdversary(
+        layers=["embedding"], epsilon=3.0, epsilon_scale="reference_norm", steps=6, positions="suffix",
+        suffix_length=3, suffix_init="please")), batch)
+    module.train()
+    seen = {}
+    original = module.objective.losses
+
+    def losses(mod, slotted):
+        seen["batch"] = slotted
+        return original(mod, slotted)
+
+    module.objective.losses = losses
+    terms = module.compute_losses(batch)
+    terms["loss"].backward()
+    assert terms["adversary/loss_last"] < terms["adversary/loss_first"]
+    assert all("lora_" in n for n, p in module.named_parameters() if p.grad is not None)
+    # Both sequences of a request get the same three "please" slots just before the user turn closes.
+    tail, please = module._suffix_slot
+    for name in ("completion", "refusal"):
+        before, after = batch["harmful"][name], seen["batch"]["harmful"][name]
+        assert (after["prompt_mask"].sum(-1) == before["prompt_mask"].sum(-1) + 3).all()
+        end = after["prompt_mask"].sum(-1) - tail
+        row = torch.arange(len(end))
+        assert all((after["input_ids"][row, end - k] == please).all() for k in (1, 2, 3))
+    assert torch.equal(seen["batch"]["benign"]["completion"]["input_ids"], batch["benign"]["completion"]["input_ids"])
+    radius = 3.0 * float(module.calibration["site_norm/embedding"])
+    assert 0 < terms["adversary/norm_embedding"] <= radius * (1 + 1e-5)
+    module.eval()
+    seen.clear()
+    module.compute_losses(batch)
+    assert torch.equal(seen["batch"]["harmful"]["completion"]["input_ids"], batch["harmful"]["completion"]["input_ids"])
+
+
+def test_suffix_init_outside_the_vocabulary_is_a_one_line_error():
+    module = TargetedLATModule(adversary=LATAdversary(layers=["embedding"], positions="suffix", suffix_init="zzqx"))
+    with pytest.raises(ValueError, match="model.adversary.suffix_init: 'zzqx' is not in the tokenizer's vocabulary"):
+        module.configure_model()

@@ -11,6 +11,7 @@ adversary and the model optimise is the ``objective`` (``lit_safety.methods.lat_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -23,6 +24,8 @@ from lit_safety.adversaries import (
     dropped,
     finite,
     site_norms,
+    suffix_slot,
+    suffix_slots,
 )
 from lit_safety.backbone import BackboneError
 from lit_safety.data.batch import SafetyBatch
@@ -41,19 +44,28 @@ class LATAdversary(LatentBudget):
             the site's mean activation norm, measured once on the reference model).
         steps: Adam steps of the inner loop (paper: 16).
         lr: inner-loop Adam step as a fraction of epsilon.
-        positions: positions perturbed: "prompt" or "all" (prompt and response).
+        positions: positions perturbed: "prompt", "all" (prompt and response) or "suffix" (``suffix_length``
+            slots inserted at the end of the user turn, starting as the ``suffix_init`` token: at the
+            embeddings, the soft suffix of the suite's embedding attack, which continuous adversarial
+            training then meets in training).
         tokens: perturb only this many positions per example, drawn at random from ``positions`` at
             every step (default: all of them). A sparse adversary models a short trigger: it can
             rewrite a token or two without rewriting the whole request.
+        suffix_length: slots of ``positions: suffix``.
+        suffix_init: the text whose first token every slot starts as.
     """
 
     layers: list[int | str] = field(default_factory=lambda: [0, 2])
     steps: int = 8
-    positions: Literal["prompt", "all"] = "prompt"
+    positions: Literal["prompt", "all", "suffix"] = "prompt"
     tokens: int | None = None
+    suffix_length: int = 10
+    suffix_init: str = "!"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.suffix_length < 1:
+            raise ValueError(f"adversary suffix_length must be >= 1, got {self.suffix_length}")
         if self.tokens is not None and self.tokens < 1:
             raise ValueError(f"adversary tokens must be >= 1 (or unset for every position), got {self.tokens}")
 
@@ -102,6 +114,8 @@ class TargetedLATModule(SafetyModule):
             attack_sites(self.model, self.adversary.layers)
         except ValueError as e:
             raise BackboneError(f"model.adversary.layers: {e}") from None
+        if self.adversary.positions == "suffix":
+            self._suffix_slot  # noqa: B018 - an init text outside the vocabulary fails here, before training
         self.objective.validate_layers(self)
 
     def calibrate(self, batch: SafetyBatch) -> dict[str, Tensor]:
@@ -119,10 +133,24 @@ class TargetedLATModule(SafetyModule):
                                "`module.calibration = module.calibrate(batch)`")
         return self.adversary.radii({s: self.calibration[f"site_norm/{s}"] for s in self.adversary.layers})
 
-    def _adversary_mask(self, batch: SafetyBatch) -> Tensor:
+    @cached_property
+    def _suffix_slot(self) -> tuple[int, int]:
+        return suffix_slot(self.tokenizer, self.adversary.suffix_init, "model.adversary.suffix_init")
+
+    def _with_slots(self, batch: SafetyBatch) -> tuple[SafetyBatch, Tensor]:
+        """The batch with ``suffix_length`` slots at the end of every harmful request (its completion and
+        refusal sequences alike: one prompt), and the slots' mask."""
+        length, harmful = self.adversary.suffix_length, batch["harmful"]
+        slotted = {name: suffix_slots(seq, seq["input_ids"].shape[0], length, *self._suffix_slot)
+                   for name, seq in harmful.items()}
+        return {**batch, "harmful": {name: s.sequences for name, s in slotted.items()}}, slotted["completion"].slots
+
+    def _adversary_mask(self, batch: SafetyBatch, slots: Tensor | None = None) -> Tensor:
         harmful, refusal = batch["harmful"]["completion"], batch["harmful"].get("refusal")
         length = max(harmful["input_ids"].shape[1], refusal["input_ids"].shape[1] if refusal is not None else 0)
-        if self.adversary.positions == "prompt":
+        if slots is not None:
+            mask = _pad_to(slots, length)
+        elif self.adversary.positions == "prompt":
             mask = _pad_to(harmful["prompt_mask"], length)
         else:
             mask = _pad_to(harmful["attention_mask"], length)
@@ -131,8 +159,12 @@ class TargetedLATModule(SafetyModule):
         return mask if self.adversary.tokens is None else sample_positions(mask, self.adversary.tokens)
 
     def compute_losses(self, batch: SafetyBatch) -> dict[str, Tensor]:
+        slots = None
+        if self.training and self.adversary.positions == "suffix":  # validation sees the requests as they are
+            batch, slots = self._with_slots(batch)
         adversary_loss, model_loss = self.objective.losses(self, batch)
-        adversary = LatentAdversary(self.model, self.adversary.layers, self._adversary_mask(batch), self.radii())
+        adversary = LatentAdversary(self.model, self.adversary.layers, self._adversary_mask(batch, slots),
+                                    self.radii())
         out: dict[str, Tensor] = {}
         with adversary.attached():
             if self.training and self.adversary.steps > 0:

@@ -38,10 +38,10 @@ from lit_safety.adversaries import (
     dropped,
     finite,
     site_norms,
+    suffix_slot,
     suffix_slots,
 )
 from lit_safety.backbone import BackboneError
-from lit_safety.data.formatting import ChatFormatter
 from lit_safety.distributed import global_masked_mean, leading_rows
 from lit_safety.losses import distance, kl_divergence, masked_mean, toward, triplet_loss, wide
 from lit_safety.methods.base import SafetyModule
@@ -255,14 +255,7 @@ class TripletDefenseModule(SafetyModule):
 
     @cached_property
     def _suffix_slot(self) -> tuple[int, int]:
-        """(template tokens after the user's content, the first token of ``mining_suffix_init``): where
-        suffix slots go and what they start as, as in the suite's embedding attack."""
-        tokenizer = self.tokenizer
-        init = tokenizer(self.hparams.mining_suffix_init, add_special_tokens=False)["input_ids"]
-        if not init or init[0] == tokenizer.unk_token_id:
-            raise ValueError(f"mining_suffix_init: {self.hparams.mining_suffix_init!r} is not in the tokenizer's "
-                             "vocabulary")
-        return ChatFormatter(tokenizer).user_turn_tail(), init[0]
+        return suffix_slot(self.tokenizer, self.hparams.mining_suffix_init, "mining_suffix_init")
 
     def _mine_latent(self, harmful: dict) -> None:
         """Fit a latent perturbation and/or soft suffix of the first mined examples' prompts that makes
