@@ -350,7 +350,8 @@ class LatentAdversary:
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:
-        """Within the block every forward pass is perturbed (sequences may be shorter than the mask). A
+        """Within the block every forward pass is perturbed (sequences may be shorter or longer than the
+        mask: positions past it are not perturbed, e.g. a longer response to the same prompt). A
         batch of k times the examples (several sequences of each example in one forward, as
         ``representations.joint`` makes) gets each example's perturbation in each of its k parts."""
 
@@ -358,6 +359,8 @@ class LatentAdversary:
             def hook(_module, _args, output):
                 h = output_tensor(output)
                 delta = self.delta(name)[:, : h.shape[1]]
+                if delta.shape[1] < h.shape[1]:
+                    delta = torch.nn.functional.pad(delta, (0, 0, 0, h.shape[1] - delta.shape[1]))
                 if h.shape[0] != delta.shape[0]:
                     delta = delta.repeat(h.shape[0] // delta.shape[0], 1, 1)
                 return replace_output(output, h + delta.to(h.dtype))

@@ -254,3 +254,36 @@ def test_miners_together_perturb_every_mined_example_at_both_sites_each_within_i
         assert norms.max() <= radius * (1 + 1e-5) and logged[f"train/mining_norm_{miner}"] > 0
         assert torch.all(norms[~where] == 0) and torch.all(norms[rows // 2:] == 0)  # its own positions only
         assert (norms[: rows // 2][where[: rows // 2]] > 0).all()  # on every mined example
+
+
+@pytest.mark.parametrize("miner", ["latent", "suffix"])
+def test_refusal_term_is_lats_model_objective_on_the_mined_examples_under_their_perturbation(harmful_batch, miner):
+    from lit_safety.representations import completion_window
+
+    def module_with(fraction):
+        module = TripletDefenseModule(layers_benign=[0, 1], layers_harmful=[1], mining=True, miner=miner,
+                                      mining_interval=1, mining_steps=8, mining_lr=0.25, mining_fraction=fraction,
+                                      mining_layers=[0], mining_epsilon=3.0, mining_suffix_length=4,
+                                      mining_suffix_init="please", refusal_weight=2.0)
+        module.configure_model()
+        module.calibration = module.calibrate(harmful_batch)
+        module.log_dict = lambda *_, **__: None
+        return module.train()
+
+    refusal = harmful_batch["harmful"]["refusal"]
+    assert module_with(0.5).stream_fields["harmful"] == ("completion", "refusal")
+    assert TripletDefenseModule().stream_fields["harmful"] == ("completion",)  # the paper's loss needs none
+    clean = module_with(0.0)  # nothing mined: refusal SFT on the requests as they are
+    terms = clean.compute_losses(harmful_batch)
+    with torch.no_grad():
+        expected = toward(*completion_window(clean.model, refusal))
+    torch.testing.assert_close(terms["loss_refusal"], expected)
+    attacked = module_with(0.5)
+    terms = attacked.compute_losses(harmful_batch)
+    assert terms["loss"] > terms["loss_refusal"] * 2.0  # in the total, at its weight
+    with torch.no_grad():
+        unperturbed = toward(*completion_window(attacked.model, refusal))
+    assert terms["loss_refusal"] > unperturbed + 1e-3  # the adversary, fitted toward the harmful answer, hurts it
+    terms["loss"].backward()
+    with_grad = {n for n, p in attacked.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora_" in n for n in with_grad)

@@ -7,7 +7,9 @@ Per step, with h the reference states (adapters off) and h' the trained states a
   from where the reference had them,
 - KL term: T^2 KL(p_ref / T || p' / T) on benign logits;
 total = alpha L_b + beta L_h + gamma L_KL (``benign_weight``, ``harmful_weight``, ``kl_weight``), with
-mu_h the masked mean of the trained model's harmful states over the (global) batch.
+mu_h the masked mean of the trained model's harmful states over the (global) batch; optionally plus
+``refusal_weight`` x toward(refusal) on the harmful requests, the mined ones under their hard-negative
+perturbation: targeted LAT's model objective beside the triplet terms.
 
 Optionally (``mining``), an adversary trained to restore the harmful completions supplies hard
 negatives for a fraction of the harmful examples: the paper's residual module (``miner: residual``,
@@ -71,6 +73,8 @@ class TripletDefenseModule(SafetyModule):
         benign_weight: weight alpha of the benign term.
         harmful_weight: weight beta of the harmful term.
         kl_weight: weight gamma of the KL term on benign logits.
+        refusal_weight: weight of toward(refusal) on every harmful request, the mined ones under the
+            miner's perturbation (targeted LAT's model objective; 0, the paper's loss, needs no refusals).
         temperature: KL temperature T.
         positions: tokens the triplet terms average over: "completion", "prompt" or "all".
         mining: enable adversarial hard negative mining.
@@ -101,8 +105,6 @@ class TripletDefenseModule(SafetyModule):
         **kwargs: model, LoRA and optimiser settings of ``SafetyModule``.
     """
 
-    stream_fields = {"harmful": ("completion",), "benign": ("completion",)}
-
     def __init__(
         self,
         layers_benign: list[int] = [2, 3],  # noqa: B006 - jsonargparse needs a literal default
@@ -118,6 +120,7 @@ class TripletDefenseModule(SafetyModule):
         benign_weight: float = 1.0,
         harmful_weight: float = 1.0,
         kl_weight: float = 1.0,
+        refusal_weight: float = 0.0,
         temperature: float = 2.0,
         positions: Positions = "completion",
         mining: bool = False,
@@ -140,8 +143,8 @@ class TripletDefenseModule(SafetyModule):
             raise ValueError(f"mining_fraction must be in [0, 1], got {mining_fraction}")
         if margin_benign < 0 or margin_harmful <= 0:
             raise ValueError(f"margins must be margin_benign >= 0 and margin_harmful > 0, got {margin_benign}, {margin_harmful}")
-        if min(benign_weight, harmful_weight, kl_weight) < 0:
-            raise ValueError("benign_weight, harmful_weight and kl_weight must be >= 0")
+        if min(benign_weight, harmful_weight, kl_weight, refusal_weight) < 0:
+            raise ValueError("benign_weight, harmful_weight, kl_weight and refusal_weight must be >= 0")
         if mining_interval < 1 or mining_steps < 0:
             raise ValueError("mining_interval must be >= 1 and mining_steps >= 0")
         self.miners: list[str] = [miner] if isinstance(miner, str) else list(miner)
@@ -173,6 +176,11 @@ class TripletDefenseModule(SafetyModule):
         self.slotted: SuffixSlots | None = None  # this step's harmful batch with the suffix miner's slots
         self._mined_at_step = -1
         self._restored_miner: dict | None = None
+
+    @property
+    def stream_fields(self) -> dict[str, tuple[str, ...]]:
+        harmful = ("completion", "refusal") if self.hparams.refusal_weight > 0 else ("completion",)
+        return {"harmful": harmful, "benign": ("completion",)}
 
     def setup(self, stage: str) -> None:
         if self.hparams.mining and self.hparams.mining_steps > 0:
@@ -320,6 +328,22 @@ class TripletDefenseModule(SafetyModule):
         with self.miner.attached(self.model, rows=mined):
             return forward_states(self.model, ids, attention, layers, logits=False)[0]
 
+    def _refusal_loss(self, refusal: dict) -> Tensor:
+        """toward(refusal) on the harmful requests, the mined ones under this step's perturbation (their
+        refusals get the same suffix slots as their completions: one prompt)."""
+        window = lambda seq: completion_window(self.model, seq)  # noqa: E731
+        if self.latent is not None:
+            if self.slotted is not None:
+                rows = int(self.slotted.slots.any(-1).sum())
+                refusal = suffix_slots(refusal, rows, self.hparams.mining_suffix_length, *self._suffix_slot).sequences
+            with self.latent.attached():
+                return toward(*window(refusal))
+        mined = leading_rows(self.hparams.mining_fraction, refusal["input_ids"].shape[0]) if self.miner else 0
+        if not mined:
+            return toward(*window(refusal))
+        with self.miner.attached(self.model, rows=mined):
+            return toward(*window(refusal))
+
     # ----- loss ------------------------------------------------------------------------------------
     def _scale(self, reference: Tensor, mask: Tensor) -> Tensor | float:
         if self.hparams.margin_scale == "absolute":
@@ -383,9 +407,13 @@ class TripletDefenseModule(SafetyModule):
                           if use_kl else torch.zeros((), device=out["loss_benign"].device))
         out["loss"] = (hp.benign_weight * out["loss_benign"] + hp.harmful_weight * out["loss_harmful"]
                        + hp.kl_weight * out["loss_kl"])
+        refusal = {}
+        if hp.refusal_weight > 0:
+            refusal["loss_refusal"] = self._refusal_loss(batch["harmful"]["refusal"])
+            out["loss"] = out["loss"] + hp.refusal_weight * refusal["loss_refusal"]
         return {
             "loss": out["loss"], "loss_benign": out["loss_benign"], "loss_harmful": out["loss_harmful"],
-            "loss_kl": out["loss_kl"],
+            "loss_kl": out["loss_kl"], **refusal,
             "distance/benign_to_reference": out["b_pos"], "distance/benign_to_harmful_mean": out["b_neg"],
             "distance/harmful_to_harmful_mean": out["h_pos"], "distance/harmful_to_reference": out["h_neg"],
             "mining_fraction": torch.tensor(float(hp.mining_fraction if self.miner or self.latent else 0.0)),
