@@ -40,6 +40,7 @@ METHODS = {
     "triplet_suffix": "configs/triplet_suffix.yaml",
     "triplet_latent_suffix": "configs/triplet_latent_suffix.yaml",
     "lat_embedding": "configs/lat_embedding.yaml",
+    "lat_suffix": "configs/lat_suffix.yaml",
 }
 SPLITS = ["train", "heldout_synonym", "heldout_concept", "format_b", "format_c"]
 
