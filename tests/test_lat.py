@@ -271,7 +271,11 @@ def test_suffix_adversary_perturbs_only_soft_slots_at_the_end_of_every_harmful_r
         end = after["prompt_mask"].sum(-1) - tail
         row = torch.arange(len(end))
         assert all((after["input_ids"][row, end - k] == please).all() for k in (1, 2, 3))
-    assert torch.equal(seen["batch"]["benign"]["completion"]["input_ids"], batch["benign"]["completion"]["input_ids"])
+    # Half the benign requests carry the same slots, so a suffix is no cue to refuse.
+    before, after = batch["benign"]["completion"], seen["batch"]["benign"]["completion"]
+    added = (after["prompt_mask"].sum(-1) - before["prompt_mask"].sum(-1)).tolist()
+    half = len(added) // 2
+    assert added == [3] * half + [0] * (len(added) - half)
     radius = 3.0 * float(module.calibration["site_norm/embedding"])
     assert 0 < terms["adversary/norm_embedding"] <= radius * (1 + 1e-5)
     module.eval()

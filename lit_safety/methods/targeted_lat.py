@@ -29,6 +29,7 @@ from lit_safety.adversaries import (
 )
 from lit_safety.backbone import BackboneError
 from lit_safety.data.batch import SafetyBatch
+from lit_safety.distributed import leading_rows
 from lit_safety.methods.base import SafetyModule
 from lit_safety.methods.lat_objectives import LATObjective, Refusal
 
@@ -139,11 +140,18 @@ class TargetedLATModule(SafetyModule):
 
     def _with_slots(self, batch: SafetyBatch) -> tuple[SafetyBatch, Tensor]:
         """The batch with ``suffix_length`` slots at the end of every harmful request (its completion and
-        refusal sequences alike: one prompt), and the slots' mask."""
+        refusal sequences alike: one prompt), and the slots' mask. Half the benign requests get the
+        same slots, left at their initial token: were only harmful requests suffixed, the suffix itself
+        would be the cue to refuse (the model then answers plain harmful requests)."""
         length, harmful = self.adversary.suffix_length, batch["harmful"]
         slotted = {name: suffix_slots(seq, seq["input_ids"].shape[0], length, *self._suffix_slot)
                    for name, seq in harmful.items()}
-        return {**batch, "harmful": {name: s.sequences for name, s in slotted.items()}}, slotted["completion"].slots
+        benign = batch["benign"]["completion"]
+        decoys = leading_rows(0.5, benign["input_ids"].shape[0])
+        if decoys:
+            benign = suffix_slots(benign, decoys, length, *self._suffix_slot).sequences
+        return ({**batch, "harmful": {name: s.sequences for name, s in slotted.items()},
+                 "benign": {**batch["benign"], "completion": benign}}, slotted["completion"].slots)
 
     def _adversary_mask(self, batch: SafetyBatch, slots: Tensor | None = None) -> Tensor:
         harmful, refusal = batch["harmful"]["completion"], batch["harmful"].get("refusal")
