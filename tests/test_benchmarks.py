@@ -188,3 +188,19 @@ def test_organism_table_puts_rows_from_before_an_attack_beside_rows_that_have_it
     assert "| method | prefill | tampering |" in text  # worst cases are not timed
     plot(table, str(tmp_path / "table.png"))  # a panel per attack, without bars for the old row's missing ones
     assert (tmp_path / "table.png").stat().st_size > 0
+
+
+def test_screen_adds_a_settings_row_and_keeps_the_others(tmp_path, quick_suite):
+    from benchmarks import screen
+
+    common = ["--n", "2", "--out", str(tmp_path), "--work", str(tmp_path / "work"), "--evaluation", quick_suite]
+    screen.main([*common, "sft", "configs/refusal_sft.yaml", "--trainer.max_steps=2"])
+    screen.main([*common, "sft_kl", "configs/refusal_sft.yaml", "--trainer.max_steps=2", "--model.refusal_weight=0.5"])
+    saved = json.loads((tmp_path / "screens.json").read_text())
+    assert list(saved["settings"]) == ["sft", "sft_kl"]
+    row = saved["settings"]["sft_kl"]
+    assert row["overrides"] == ["--trainer.max_steps=2", "--model.refusal_weight=0.5"]
+    assert set(row["asr"]["embedding"]) == {"train", "heldout_synonym", "heldout_concept"}
+    assert set(row["benign_accuracy"]) == {"A", "B", "C"} and row["train_seconds"] > 0
+    text = (tmp_path / "screens.md").read_text()
+    assert "| sft |" in text and "| sft_kl |" in text and "--model.refusal_weight=0.5" in text
