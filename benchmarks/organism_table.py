@@ -39,6 +39,7 @@ METHODS = {
     "triplet_latent": "configs/triplet_latent.yaml",
     "triplet_suffix": "configs/triplet_suffix.yaml",
     "triplet_latent_suffix": "configs/triplet_latent_suffix.yaml",
+    "triplet_lat": "configs/triplet_lat.yaml",
     "lat_embedding": "configs/lat_embedding.yaml",
     "lat_suffix": "configs/lat_suffix.yaml",
 }

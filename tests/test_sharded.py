@@ -36,13 +36,15 @@ METHODS = {
     "triplet_suffix": ["--model.mining_fraction=0.3", "--model.mining_steps=2", "--model.mining_suffix_init=ok"],
     # Both miners within the 3 steps (mining_seed 0 draws suffix, latent, suffix).
     "triplet_latent_suffix": ["--model.mining_fraction=0.3", "--model.mining_steps=2", "--model.mining_suffix_init=ok"],
+    "triplet_lat": ["--model.mining_fraction=0.3", "--model.mining_steps=2", "--model.mining_suffix_init=ok"],
     "lat": ["--model.adversary.layers=[0, 1]", "--model.adversary.steps=2"],
     "lat_suffix": ["--model.adversary.steps=2", "--model.adversary.suffix_init=ok"],
     "circuit_breaker": [],
 }
 TOLERANCE = 1e-9  # relative, per adapter tensor
 # Refused under FSDP (one backward per forward).
-INNER_LOOP = ("lat", "lat_suffix", "triplet_adv", "triplet_latent", "triplet_suffix", "triplet_latent_suffix")
+INNER_LOOP = ("lat", "lat_suffix", "triplet_adv", "triplet_latent", "triplet_suffix", "triplet_latent_suffix",
+              "triplet_lat")
 
 
 
