@@ -32,9 +32,10 @@ BUDGETS = ("300", "1000")
 def row(result: dict) -> dict:
     """What the screen reports of one run: ASR per attack and split (with Wilson intervals), the
     embedding attack at each of BUDGETS steps, benign accuracy per format and the training time."""
+    curves = result["curves"]["embedding"]
     return {"asr": {attack: {s: splits[s] for s in HARMFUL if s in splits} for attack, splits in result["asr"].items()},
-            "embedding": {s: {b: c[b]["rate"] for b in BUDGETS if b in c}  # absent: the attack stopped short
-                          for s, c in ((s, result["curves"]["embedding"][s]) for s in HARMFUL)},
+            "embedding": {s: {b: curves[s][b]["rate"] for b in BUDGETS if b in curves[s]}  # absent: stopped short
+                          for s in HARMFUL},
             "benign_accuracy": {f: result["benign_accuracy"][f] for f in "ABC"},
             "train_seconds": result["train_seconds"]}
 

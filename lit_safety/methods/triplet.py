@@ -25,6 +25,7 @@ composed threat of an unseen request under an embedding attack).
 
 from __future__ import annotations
 
+import contextlib
 import random
 from functools import cached_property
 from typing import Literal
@@ -313,36 +314,31 @@ class TripletDefenseModule(SafetyModule):
                            "train/mining_loss_last": finite(losses)[-1] / rows})
         self.log_dict(logged, batch_size=harmful["input_ids"].shape[0])
 
+    def _perturbed(self, rows: int):
+        """The context in which this step's harmful forwards (``rows`` examples) see the hard-negative
+        perturbation: attacked and clean rows in one forward."""
+        if self.latent is not None:
+            return self.latent.attached()
+        mined = leading_rows(self.hparams.mining_fraction, rows) if self.miner is not None else 0
+        return self.miner.attached(self.model, rows=mined) if mined else contextlib.nullcontext()
+
     def _harmful_states(self, harmful: dict, layers: list[int]) -> dict[int, Tensor]:
-        ids, attention = harmful["input_ids"], harmful["attention_mask"]
-        if self.latent is not None:  # attacked and clean rows in one forward
-            slotted = self.slotted
-            if slotted is not None:  # read back at the original positions, the reference's
-                ids, attention = slotted.sequences["input_ids"], slotted.sequences["attention_mask"]
-            with self.latent.attached():
-                states = forward_states(self.model, ids, attention, layers, logits=False)[0]
-            return {layer: slotted.original(h) for layer, h in states.items()} if slotted is not None else states
-        mined = leading_rows(self.hparams.mining_fraction, ids.shape[0]) if self.miner is not None else 0
-        if not mined:
-            return forward_states(self.model, ids, attention, layers, logits=False)[0]
-        with self.miner.attached(self.model, rows=mined):
-            return forward_states(self.model, ids, attention, layers, logits=False)[0]
+        slotted = self.slotted
+        sequences = harmful if slotted is None else slotted.sequences
+        with self._perturbed(sequences["input_ids"].shape[0]):
+            states = forward_states(self.model, sequences["input_ids"], sequences["attention_mask"], layers,
+                                    logits=False)[0]
+        # Read back at the original positions, the reference's.
+        return states if slotted is None else {layer: slotted.original(h) for layer, h in states.items()}
 
     def _refusal_loss(self, refusal: dict) -> Tensor:
         """toward(refusal) on the harmful requests, the mined ones under this step's perturbation (their
         refusals get the same suffix slots as their completions: one prompt)."""
-        window = lambda seq: completion_window(self.model, seq)  # noqa: E731
-        if self.latent is not None:
-            if self.slotted is not None:
-                rows = int(self.slotted.slots.any(-1).sum())
-                refusal = suffix_slots(refusal, rows, self.hparams.mining_suffix_length, *self._suffix_slot).sequences
-            with self.latent.attached():
-                return toward(*window(refusal))
-        mined = leading_rows(self.hparams.mining_fraction, refusal["input_ids"].shape[0]) if self.miner else 0
-        if not mined:
-            return toward(*window(refusal))
-        with self.miner.attached(self.model, rows=mined):
-            return toward(*window(refusal))
+        if self.slotted is not None:
+            rows = int(self.slotted.slots.any(-1).sum())
+            refusal = suffix_slots(refusal, rows, self.hparams.mining_suffix_length, *self._suffix_slot).sequences
+        with self._perturbed(refusal["input_ids"].shape[0]):
+            return toward(*completion_window(self.model, refusal))
 
     # ----- loss ------------------------------------------------------------------------------------
     def _scale(self, reference: Tensor, mask: Tensor) -> Tensor | float:
