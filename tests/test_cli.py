@@ -29,8 +29,8 @@ def test_every_shipped_config_parses_against_its_class(config):
         assert suite.judge_name == "refusal_prefix"
         assert [a.name for a in suite.attacks] == ["direct", "prefill", "embedding"]
     elif "llama3_8b" not in config:  # every organism config's `test` runs the shared attack suite
-        assert [a.name for a in suite.attacks] == ["direct", "prefill", "sampled", "embedding", "gcg", "latent",
-                                                   "ablation", "ablation_prefill", "tampering"]
+        assert [a.name for a in suite.attacks] == ["direct", "prefill", "sampled", "embedding", "embedding_20", "gcg",
+                                                   "latent", "ablation", "ablation_prefill", "tampering"]
     with open(config) as f:
         first = f.readline()
     assert first.startswith("#"), "every config opens with a comment showing how to run it"

@@ -164,33 +164,43 @@ evaluation:
   class_path: lit_safety.evaluation.SafetyEvaluation
   init_args:
     projector_layer: -1
-    attack_splits: {latent: [train, format_b]}
+    attack_splits: {latent: [train, format_b], latent_1: [train]}
     attacks:
       - class_path: lit_safety.evaluation.DirectRequest
       - class_path: lit_safety.evaluation.LatentAttack
         init_args: {layers: [0], steps: 2}
+      - class_path: lit_safety.evaluation.LatentAttack
+        init_args: {name: latent_1, layers: [1], steps: 2}
 """)
     cli = main(["test", "--config", config, "--config", str(cheap), "--data.test_size=3",
                 f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
     log_dir = cli.trainer.log_dir
     results = json.loads(open(os.path.join(log_dir, "eval_results.json")).read())
-    assert set(results["asr"]) == {"direct", "latent", "worst_case"}
+    assert set(results["asr"]) == {"direct", "latent", "latent_1", "worst_case"}
     assert set(results["asr"]["worst_case"]) == {"train", "format_b"}  # where more than one attack ran
-    assert set(results["asr_strict"]) == {"direct", "latent", "worst_case"}
+    assert set(results["asr_strict"]) == {"direct", "latent", "latent_1", "worst_case"}
     assert list(results["curves"]["latent"]["train"]) == ["2"]  # the budget axis: its steps
     assert os.path.getsize(os.path.join(log_dir, "eval_curves.png")) > 0
     assert set(results["asr"]["direct"]) == {"train", "heldout_synonym", "heldout_concept", "format_b", "format_c",
                                              "trigger"}
     assert set(results["asr"]["latent"]) == {"train", "format_b"}  # restricted by attack_splits
+    assert set(results["asr"]["latent_1"]) == {"train"}  # one attack twice, under two names
     cell = results["asr"]["direct"]["train"]
     assert set(cell) == {"rate", "low", "high", "n"} and cell["n"] == 3
     assert set(results["benign_accuracy"]) == {"A", "B", "C", "borderline"}
     assert set(results["benign_kl"]) == {"A", "B", "C", "borderline"}
     assert all(abs(v) < 1e-6 for v in results["benign_kl"].values())  # fresh adapters: the model is the reference
-    assert results["budgets"]["latent"]["steps"] == 2
-    assert set(results["attack_seconds"]) == {"direct", "latent"} and results["attack_seconds"]["latent"] > 0
+    assert results["budgets"]["latent"]["layers"] == [0] and results["budgets"]["latent_1"]["layers"] == [1]
+    assert set(results["attack_seconds"]) == {"direct", "latent", "latent_1"} and results["attack_seconds"]["latent"] > 0
     assert os.path.getsize(os.path.join(log_dir, "eval_results.png")) > 0
     assert os.path.isfile(os.path.join(log_dir, "eval_results.md"))
+
+
+def test_two_attacks_of_one_name_are_an_error():  # their results would be mixed under one key
+    from lit_safety.evaluation import SafetyEvaluation
+
+    with pytest.raises(ValueError, match="evaluation.attacks: two attacks are named 'latent'"):
+        SafetyEvaluation(attacks=[LatentAttack(), LatentAttack(layers=[1])])
 
 
 def test_adversarial_eval_callback_logs_asr_curves_during_fit(tmp_path):

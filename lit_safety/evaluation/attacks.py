@@ -143,7 +143,9 @@ class AttackResult:
 
 
 class Attack:
-    """Base of every attack: ``name`` keys its results, ``describe()`` is its budget;
+    """Base of every attack: ``name`` keys its results (every attack takes one, defaulting to its own:
+    a suite running one attack twice, e.g. at two suffix lengths, names them apart), ``describe()`` is
+    its budget;
     ``needs_adapters``: it trains the model's LoRA weights (the others may get a merged copy);
     ``tampers``: it changes the weights, a threat model (an attacker holding the weights) beyond the
     inference-time attacks a jailbreak defense claims robustness to."""
@@ -196,7 +198,7 @@ class DirectRequest(Attack):
     """
 
     max_new_tokens: int = 24
-    name = "direct"
+    name: str = "direct"
 
     def run(self, model, formatter: ChatFormatter, records: Sequence[Record], judge=None) -> AttackResult:
         return AttackResult(generate(model, formatter, records, max_new_tokens=self.max_new_tokens))
@@ -212,7 +214,7 @@ class PrefillAttack(Attack):
     """
 
     max_new_tokens: int = 24
-    name = "prefill"
+    name: str = "prefill"
 
     def run(self, model, formatter: ChatFormatter, records: Sequence[Record], judge=None) -> AttackResult:
         return AttackResult(generate(model, formatter, records, prefill=[r.target for r in records],
@@ -235,7 +237,7 @@ class SampledResponses(Attack):
     temperature: float = 1.0
     max_new_tokens: int = 24
     seed: int = 0
-    name = "sampled"
+    name: str = "sampled"
 
     def __post_init__(self) -> None:
         require(self.k >= 1, "SampledResponses", "k", f"must be >= 1, got {self.k}")
@@ -279,7 +281,7 @@ class LatentAttack(Attack, LatentBudget):
     snapshots: int = 1
     max_new_tokens: int = 24
     batch_size: int = 50
-    name = "latent"
+    name: str = "latent"
 
     def __post_init__(self) -> None:
         LatentBudget.__post_init__(self)

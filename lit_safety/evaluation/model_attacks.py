@@ -165,7 +165,7 @@ class HarmfulFineTuning(Attack):
     batch_size: int = 16
     seed: int = 0
     max_new_tokens: int = 24
-    name = "tampering"
+    name: str = "tampering"
     needs_adapters = True
     tampers = True
 

@@ -207,7 +207,7 @@ class EmbeddingAttack(SuffixAttack):
     steps: int = 500
     snapshots: int = 20
     step_size: float = 0.02
-    name = "embedding"
+    name: str = "embedding"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -260,7 +260,7 @@ class EmbeddingPerturbationAttack(GradientAttack):
     epsilon: float = 0.5
     step_size: float = 0.05
     steps: int = 300
-    name = "perturbation"
+    name: str = "perturbation"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -377,7 +377,7 @@ class GCGAttack(SuffixAttack):
     batch_size: int = 25
     top_k: int = 128
     candidates: int = 256
-    name = "gcg"
+    name: str = "gcg"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -61,8 +61,8 @@ class SafetyEvaluation(L.Callback):
     each budget of its ``curve_budgets()``).
 
     Args:
-        attacks: attacks run on every harmful split (each reports under its name: direct, prefill,
-            embedding, gcg, latent). Benign and borderline requests are asked with the suite's
+        attacks: attacks run on every harmful split (each reports under its ``name``: direct, prefill,
+            embedding, gcg, latent; two attacks need two names). Benign and borderline requests are asked with the suite's
             ``DirectRequest`` (a default one if it has none).
         judge: "exact" (records' answers and refusals: the organism), "refusal_prefix" (a proxy,
             named as such in every result) or "harmbench" (the HarmBench classifier).
@@ -98,6 +98,10 @@ class SafetyEvaluation(L.Callback):
         merge_adapters: bool = False,
     ):
         self.attacks = list(attacks) if attacks is not None else [DirectRequest(), PrefillAttack()]
+        names = [a.name for a in self.attacks]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"evaluation.attacks: two attacks are named {name!r}; give one its own `name`")
         self.benign_request = next((a for a in self.attacks if isinstance(a, DirectRequest)), DirectRequest())
         self.judge_name, self.harmbench_model = judge, harmbench_model
         self.attack_splits = attack_splits or {}
