@@ -36,6 +36,7 @@ KNOBS = {
     "triplet_adv": ("model.init_args.mining_fraction", [0.1, 0.3, 0.6]),
     "triplet_latent": ("model.init_args.mining_epsilon", [0.3, 1.0, 3.0]),
     "triplet_suffix": ("model.init_args.mining_epsilon", [1.0, 3.0, 10.0]),
+    "triplet_suffix_refusal": ("model.init_args.refusal_weight", [0.3, 1.0, 3.0]),
     "refat": ("model.init_args.ablation_probability", [0.25, 0.5, 1.0]),
 }
 HELD_OUT = ("heldout_synonym", "heldout_concept")

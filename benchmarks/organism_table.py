@@ -42,6 +42,7 @@ METHODS = {
     "triplet_lat": "configs/triplet_lat.yaml",
     "lat_embedding": "configs/lat_embedding.yaml",
     "lat_suffix": "configs/lat_suffix.yaml",
+    "triplet_suffix_refusal": "configs/triplet_suffix_refusal.yaml",
 }
 SPLITS = ["train", "heldout_synonym", "heldout_concept", "format_b", "format_c"]
 
