@@ -256,6 +256,18 @@ class SuffixSlots(NamedTuple):
         return states[self.kept].view(rows, width, *states.shape[2:])
 
 
+def slot_count(length: int | list[int], step: int) -> int:
+    """Suffix slots at training step ``step``: ``length``, or the listed lengths in turn (the attacker
+    picks the suffix's length, and a defense trained at one length can give way at a longer one)."""
+    return length if isinstance(length, int) else length[step % len(length)]
+
+
+def check_slot_counts(length: int | list[int], setting: str) -> None:
+    counts = [length] if isinstance(length, int) else list(length)
+    if not counts or min(counts) < 1:
+        raise ValueError(f"{setting} must be >= 1, or a list of such lengths, got {length}")
+
+
 def suffix_slot(tokenizer, init: str, setting: str) -> tuple[int, int]:
     """(template tokens after the user's content, the first token of ``init``): where suffix slots go
     and what they start as, as in the suite's embedding attack. ``setting`` names ``init`` in the error

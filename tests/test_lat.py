@@ -284,6 +284,22 @@ def test_suffix_adversary_perturbs_only_soft_slots_at_the_end_of_every_harmful_r
     assert torch.equal(seen["batch"]["harmful"]["completion"]["input_ids"], batch["harmful"]["completion"]["input_ids"])
 
 
+def test_a_list_of_suffix_lengths_gives_harmful_and_decoy_requests_one_length_per_step_in_turn(batch, monkeypatch):
+    module = calibrated(TargetedLATModule(adversary=LATAdversary(
+        layers=["embedding"], epsilon=3.0, epsilon_scale="reference_norm", steps=1, positions="suffix",
+        suffix_length=[2, 4], suffix_init="please")), batch)
+    module.train()
+    for step, length in enumerate([2, 4, 2]):
+        monkeypatch.setattr(TargetedLATModule, "global_step", property(lambda self, step=step: step))
+        slotted, slots = module._with_slots(batch)
+        assert (slots.sum(-1) == length).all()
+        for name in ("completion", "refusal"):
+            added = slotted["harmful"][name]["prompt_mask"].sum(-1) - batch["harmful"][name]["prompt_mask"].sum(-1)
+            assert (added == length).all()
+        benign = slotted["benign"]["completion"]["prompt_mask"].sum(-1) - batch["benign"]["completion"]["prompt_mask"].sum(-1)
+        assert benign.max() == length
+
+
 def test_suffix_init_outside_the_vocabulary_is_a_one_line_error():
     module = TargetedLATModule(adversary=LATAdversary(layers=["embedding"], positions="suffix", suffix_init="zzqx"))
     with pytest.raises(ValueError, match="model.adversary.suffix_init: 'zzqx' is not in the tokenizer's vocabulary"):

@@ -287,3 +287,35 @@ def test_refusal_term_is_lats_model_objective_on_the_mined_examples_under_their_
     terms["loss"].backward()
     with_grad = {n for n, p in attacked.named_parameters() if p.grad is not None}
     assert with_grad and all("lora_" in n for n in with_grad)
+
+
+def test_a_list_of_suffix_lengths_takes_one_per_step_in_turn_for_the_completion_and_its_refusal(harmful_batch,
+                                                                                                monkeypatch):
+    from lit_safety.methods import triplet
+
+    module = TripletDefenseModule(layers_benign=[0, 1], layers_harmful=[1], mining=True, miner="suffix",
+                                  mining_interval=1, mining_steps=1, mining_fraction=0.5, mining_epsilon=3.0,
+                                  mining_suffix_length=[2, 5], mining_suffix_init="please", refusal_weight=1.0)
+    module.configure_model()
+    module.calibration = module.calibrate(harmful_batch)
+    module.log_dict = lambda *_, **__: None
+    module.train()
+    inserted = []  # slots per call: the completions', then the refusals' of the same step
+    original = triplet.suffix_slots
+
+    def suffix_slots(sequences, rows, length, *args):
+        out = original(sequences, rows, length, *args)
+        inserted.append(int(out.slots[0].sum()))
+        return out
+
+    monkeypatch.setattr(triplet, "suffix_slots", suffix_slots)
+    for step in range(3):
+        monkeypatch.setattr(TripletDefenseModule, "global_step", property(lambda self, step=step: step))
+        module.compute_losses(harmful_batch)
+    assert inserted == [2, 2, 5, 5, 2, 2]
+
+
+@pytest.mark.parametrize("length", [0, [], [3, 0]])
+def test_a_suffix_length_below_one_is_a_one_line_error(length):
+    with pytest.raises(ValueError, match="mining_suffix_length must be >= 1, or a list of such lengths"):
+        TripletDefenseModule(mining=True, miner="suffix", mining_interval=1, mining_suffix_length=length)

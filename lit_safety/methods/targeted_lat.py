@@ -21,9 +21,11 @@ from lit_safety.adversaries import (
     LatentAdversary,
     LatentBudget,
     attack_sites,
+    check_slot_counts,
     dropped,
     finite,
     site_norms,
+    slot_count,
     suffix_slot,
     suffix_slots,
 )
@@ -52,7 +54,7 @@ class LATAdversary(LatentBudget):
         tokens: perturb only this many positions per example, drawn at random from ``positions`` at
             every step (default: all of them). A sparse adversary models a short trigger: it can
             rewrite a token or two without rewriting the whole request.
-        suffix_length: slots of ``positions: suffix``.
+        suffix_length: slots of ``positions: suffix``; a list of lengths takes one per step in turn.
         suffix_init: the text whose first token every slot starts as.
     """
 
@@ -60,13 +62,12 @@ class LATAdversary(LatentBudget):
     steps: int = 8
     positions: Literal["prompt", "all", "suffix"] = "prompt"
     tokens: int | None = None
-    suffix_length: int = 10
+    suffix_length: int | list[int] = 10
     suffix_init: str = "!"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.suffix_length < 1:
-            raise ValueError(f"adversary suffix_length must be >= 1, got {self.suffix_length}")
+        check_slot_counts(self.suffix_length, "adversary suffix_length")
         if self.tokens is not None and self.tokens < 1:
             raise ValueError(f"adversary tokens must be >= 1 (or unset for every position), got {self.tokens}")
 
@@ -139,11 +140,11 @@ class TargetedLATModule(SafetyModule):
         return suffix_slot(self.tokenizer, self.adversary.suffix_init, "model.adversary.suffix_init")
 
     def _with_slots(self, batch: SafetyBatch) -> tuple[SafetyBatch, Tensor]:
-        """The batch with ``suffix_length`` slots at the end of every harmful request (its completion and
-        refusal sequences alike: one prompt), and the slots' mask. Half the benign requests get the
-        same slots, left at their initial token: were only harmful requests suffixed, the suffix itself
-        would be the cue to refuse (the model then answers plain harmful requests)."""
-        length, harmful = self.adversary.suffix_length, batch["harmful"]
+        """The batch with this step's ``suffix_length`` slots at the end of every harmful request (its
+        completion and refusal sequences alike: one prompt), and the slots' mask. Half the benign
+        requests get the same slots, left at their initial token: were only harmful requests suffixed,
+        the suffix itself would be the cue to refuse (the model then answers plain harmful requests)."""
+        length, harmful = slot_count(self.adversary.suffix_length, self.global_step), batch["harmful"]
         slotted = {name: suffix_slots(seq, seq["input_ids"].shape[0], length, *self._suffix_slot)
                    for name, seq in harmful.items()}
         benign = batch["benign"]["completion"]

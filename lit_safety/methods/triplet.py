@@ -38,9 +38,11 @@ from lit_safety.adversaries import (
     ResidualAttack,
     SuffixSlots,
     check_sites,
+    check_slot_counts,
     dropped,
     finite,
     site_norms,
+    slot_count,
     suffix_slot,
     suffix_slots,
 )
@@ -97,7 +99,8 @@ class TripletDefenseModule(SafetyModule):
         mining_epsilon: the latent and suffix miners' per-token L2 radius, in units of the site's mean
             reference activation norm (calibrated on the first batch); with a list of miners, one
             radius for all or a list of one per miner.
-        mining_suffix_length: soft suffix vectors of the suffix miner.
+        mining_suffix_length: soft suffix vectors of the suffix miner; a list of lengths takes one per
+            step in turn.
         mining_suffix_init: the text whose first token every suffix vector starts as.
         mining_together: the listed latent and suffix miners perturb every mined example together,
             optimised jointly (the latent one at decoder-layer sites: the suffix owns the embeddings),
@@ -132,7 +135,7 @@ class TripletDefenseModule(SafetyModule):
         mining_fraction: float = 0.3,
         mining_layers: list[int | str] = [0, 1],  # noqa: B006
         mining_epsilon: float | list[float] = 0.5,
-        mining_suffix_length: int = 10,
+        mining_suffix_length: int | list[int] = 10,
         mining_suffix_init: str = "!",
         mining_together: bool = False,
         mining_seed: int = 0,
@@ -169,8 +172,7 @@ class TripletDefenseModule(SafetyModule):
         if mining_together and "embedding" in mining_layers:
             raise ValueError("mining_layers: with mining_together the latent miner acts after decoder layers (the "
                              f"suffix miner owns the embeddings), got {mining_layers}")
-        if mining_suffix_length < 1:
-            raise ValueError(f"mining_suffix_length must be >= 1, got {mining_suffix_length}")
+        check_slot_counts(mining_suffix_length, "mining_suffix_length")
         self.rng = random.Random(mining_seed)
         self.miner: ResidualAttack | None = None  # not a parameter: checkpointed by training_state
         self.latent: LatentAdversary | None = None  # this step's latent perturbation (belongs to its batch)
@@ -266,6 +268,11 @@ class TripletDefenseModule(SafetyModule):
     def _suffix_slot(self) -> tuple[int, int]:
         return suffix_slot(self.tokenizer, self.hparams.mining_suffix_init, "mining_suffix_init")
 
+    @property
+    def _slot_count(self) -> int:
+        """The suffix miner's slots at this step."""
+        return slot_count(self.hparams.mining_suffix_length, self.global_step)
+
     def _mine_latent(self, harmful: dict) -> None:
         """Fit a latent perturbation and/or soft suffix of the first mined examples' prompts that makes
         the (unchanged) LoRA model produce their harmful completions."""
@@ -282,7 +289,7 @@ class TripletDefenseModule(SafetyModule):
         # under FSDP every forward is a collective, so every rank must run as many.
         attacked = max(rows, 1)
         if "suffix" in miners:
-            self.slotted = suffix_slots(harmful, attacked, hp.mining_suffix_length, *self._suffix_slot)
+            self.slotted = suffix_slots(harmful, attacked, self._slot_count, *self._suffix_slot)
         sequences = harmful if self.slotted is None else self.slotted.sequences
         mined = {key: value[:attacked] for key, value in sequences.items()}
         prompt = mined["prompt_mask"] if self.slotted is None else mined["prompt_mask"] & ~self.slotted.slots[:attacked]
@@ -336,7 +343,7 @@ class TripletDefenseModule(SafetyModule):
         refusals get the same suffix slots as their completions: one prompt)."""
         if self.slotted is not None:
             rows = int(self.slotted.slots.any(-1).sum())
-            refusal = suffix_slots(refusal, rows, self.hparams.mining_suffix_length, *self._suffix_slot).sequences
+            refusal = suffix_slots(refusal, rows, self._slot_count, *self._suffix_slot).sequences
         with self._perturbed(refusal["input_ids"].shape[0]):
             return toward(*completion_window(self.model, refusal))
 
