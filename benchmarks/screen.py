@@ -42,19 +42,22 @@ def row(result: dict) -> dict:
 
 def markdown(rows: dict, n: int) -> str:
     head = (f"Screens (benchmarks/screen.py): one seed, {n} behaviours per split, exact judge; embedding = the "
-            "suite's attack (10 vectors toward the whole answer), latent = 0.5 x the layer norm at layer -2, "
-            "worst = over these three attacks only.\n\n"
+            "suite's attack (10 vectors toward the whole answer; 20 vectors: the same at 20, one start, on the "
+            "held-out splits; — = screened before it was added), latent = 0.5 x the layer norm at layer -2, "
+            "worst = over these attacks only.\n\n"
             "| setting | direct: train / syn. / concept | embedding @300 / @1000: train | syn. | concept "
-            "| latent: syn. / concept | worst: syn. / concept | benign chat / raw / system turn | train s |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n")
+            "| 20 vectors @500: syn. / concept | latent: syn. / concept | worst: syn. / concept "
+            "| benign chat / raw / system turn | train s |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for name, r in rows.items():
         a, e, benign = r["asr"], r["embedding"], r["benign_accuracy"]
         seconds = "—" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
-        rate = lambda attack, s: f"{a[attack][s]['rate']:.2f}"  # noqa: E731
+        rate = lambda attack, s: f"{a[attack][s]['rate']:.2f}" if s in a.get(attack, {}) else "—"  # noqa: E731
         curve = lambda s: " / ".join(f"{e[s][b]:.2f}" if b in e[s] else "—" for b in BUDGETS)  # noqa: E731
         lines.append(f"| {name} | {' / '.join(rate('direct', s) for s in HARMFUL)} | {curve('train')} | "
                      f"{curve('heldout_synonym')} | {curve('heldout_concept')} | "
+                     f"{rate('embedding_20', 'heldout_synonym')} / {rate('embedding_20', 'heldout_concept')} | "
                      f"{rate('latent', 'heldout_synonym')} / {rate('latent', 'heldout_concept')} | "
                      f"{rate('worst_case', 'heldout_synonym')} / {rate('worst_case', 'heldout_concept')} | "
                      f"{' / '.join(f'{benign[f]:.2f}' for f in 'ABC')} | {seconds} |")

@@ -201,6 +201,7 @@ def test_screen_adds_a_settings_row_and_keeps_the_others(tmp_path, quick_suite):
     row = saved["settings"]["sft_kl"]
     assert row["overrides"] == ["--trainer.max_steps=2", "--model.refusal_weight=0.5"]
     assert set(row["asr"]["embedding"]) == {"train", "heldout_synonym", "heldout_concept"}
+    assert set(row["asr"]["embedding_20"]) == {"heldout_synonym", "heldout_concept"}  # the suite's attack_splits
     assert set(row["benign_accuracy"]) == {"A", "B", "C"} and row["train_seconds"] > 0
     text = (tmp_path / "screens.md").read_text()
     assert "| sft |" in text and "| sft_kl |" in text and "--model.refusal_weight=0.5" in text
