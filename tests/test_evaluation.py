@@ -196,11 +196,15 @@ evaluation:
     assert os.path.isfile(os.path.join(log_dir, "eval_results.md"))
 
 
-def test_two_attacks_of_one_name_are_an_error():  # their results would be mixed under one key
+@pytest.mark.parametrize("attacks, message", [
+    ([LatentAttack(), LatentAttack(layers=[1])], "two attacks are named 'latent'"),  # results mixed under one key
+    ([LatentAttack(name="")], "an attack's `name` is empty"),
+])
+def test_attack_names_are_checked(attacks, message):
     from lit_safety.evaluation import SafetyEvaluation
 
-    with pytest.raises(ValueError, match="evaluation.attacks: two attacks are named 'latent'"):
-        SafetyEvaluation(attacks=[LatentAttack(), LatentAttack(layers=[1])])
+    with pytest.raises(ValueError, match=f"evaluation.attacks: {message}"):
+        SafetyEvaluation(attacks=attacks)
 
 
 def test_adversarial_eval_callback_logs_asr_curves_during_fit(tmp_path):

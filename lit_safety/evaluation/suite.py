@@ -100,6 +100,8 @@ class SafetyEvaluation(L.Callback):
         self.attacks = list(attacks) if attacks is not None else [DirectRequest(), PrefillAttack()]
         names = [a.name for a in self.attacks]
         for name in names:
+            if not name:
+                raise ValueError("evaluation.attacks: an attack's `name` is empty")
             if names.count(name) > 1:
                 raise ValueError(f"evaluation.attacks: two attacks are named {name!r}; give one its own `name`")
         self.benign_request = next((a for a in self.attacks if isinstance(a, DirectRequest)), DirectRequest())
