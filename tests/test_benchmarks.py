@@ -205,3 +205,15 @@ def test_screen_adds_a_settings_row_and_keeps_the_others(tmp_path, quick_suite):
     assert set(row["benign_accuracy"]) == {"A", "B", "C"} and row["train_seconds"] > 0
     text = (tmp_path / "screens.md").read_text()
     assert "| sft |" in text and "| sft_kl |" in text and "--model.refusal_weight=0.5" in text
+
+
+def test_harm_probe_reports_each_splits_share_per_layer(tmp_path):
+    from benchmarks import harm_probe
+
+    harm_probe.main(["--n", "8", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "harm_probe.json").read_text())
+    layers = saved["models"]["base"]
+    assert list(layers) == ["0", "1"]  # every decoder layer of the tiny organism
+    for shares in layers.values():
+        assert set(shares) == set(harm_probe.SPLITS) and all(0.0 <= v <= 1.0 for v in shares.values())
+    assert "| base | 1 |" in (tmp_path / "harm_probe.md").read_text()
