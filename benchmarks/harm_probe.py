@@ -26,25 +26,6 @@ from benchmarks.common import ROOT, atomic_write
 SPLITS = {"train": "organism:eval_train", "heldout_synonym": "organism:eval_heldout_synonym",
           "heldout_concept": "organism:eval_heldout_concept", "benign": "organism:eval_benign_a",
           "borderline": "organism:eval_borderline"}
-HARMFUL = ("train", "heldout_synonym", "heldout_concept")
-
-
-def last_prompt_states(model, formatter, records, layers: list[int], batch_size: int = 64):
-    """[records, hidden] last-prompt-token states per decoder layer."""
-    import torch
-
-    from lit_safety.evaluation.generation import left_pad, prompt_ids
-    from lit_safety.representations import forward_states
-
-    out: dict[int, list] = {layer: [] for layer in layers}
-    with torch.no_grad():
-        for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
-            ids, mask = left_pad([prompt_ids(formatter, r) for r in chunk], formatter.tokenizer.pad_token_id)
-            states, _ = forward_states(model, ids, mask, layers, logits=False)
-            for layer in layers:
-                out[layer].append(states[layer][:, -1].float())
-    return {layer: torch.cat(chunks) for layer, chunks in out.items()}
 
 
 def probe(model_spec: str, n: int) -> dict:
@@ -52,6 +33,7 @@ def probe(model_spec: str, n: int) -> dict:
     from lit_safety.artifacts import load_for_evaluation
     from lit_safety.backbone import decoder_layers
     from lit_safety.data import ChatFormatter, load_records
+    from lit_safety.evaluation.model_attacks import last_prompt_states
 
     model, tokenizer = load_for_evaluation(model_spec)
     formatter = ChatFormatter(tokenizer, max_prompt_length=512)

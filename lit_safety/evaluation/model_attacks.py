@@ -41,19 +41,26 @@ def _check_source(source: str, attack: str, field_name: str) -> None:
 
 
 @torch.no_grad()
-def mean_prompt_state(model, formatter: ChatFormatter, records: Sequence[Record], layers: list[int],
-                      batch_size: int = 64) -> dict[int, Tensor]:
-    """Mean residual state (decoder layer output) at each prompt's last token, per layer."""
+def last_prompt_states(model, formatter: ChatFormatter, records: Sequence[Record], layers: list[int],
+                       batch_size: int = 64) -> dict[int, Tensor]:
+    """[records, hidden] residual states (decoder layer outputs) at each prompt's last token, per layer."""
     from lit_safety.representations import forward_states
 
     device = next(model.parameters()).device
-    sums: dict[int, Tensor] = {}
+    out: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     for _, chunk in chunks(records, batch_size):
         ids, mask = left_pad([prompt_ids(formatter, r) for r in chunk], formatter.tokenizer.pad_token_id)
         states, _ = forward_states(model, ids.to(device), mask.to(device), layers, logits=False)
         for layer in layers:
-            sums[layer] = sums.get(layer, 0) + states[layer][:, -1].float().sum(0)
-    return {layer: total / len(records) for layer, total in sums.items()}
+            out[layer].append(states[layer][:, -1].float())
+    return {layer: torch.cat(rows) for layer, rows in out.items()}
+
+
+def mean_prompt_state(model, formatter: ChatFormatter, records: Sequence[Record], layers: list[int],
+                      batch_size: int = 64) -> dict[int, Tensor]:
+    """Mean residual state (decoder layer output) at each prompt's last token, per layer."""
+    return {layer: states.mean(0) for layer, states in
+            last_prompt_states(model, formatter, records, layers, batch_size).items()}
 
 
 def refusal_directions(model, formatter: ChatFormatter, harmful: Sequence[Record], harmless: Sequence[Record],
