@@ -43,6 +43,7 @@ METHODS = {
     "lat_embedding": "configs/lat_embedding.yaml",
     "lat_suffix": "configs/lat_suffix.yaml",
     "triplet_suffix_refusal": "configs/triplet_suffix_refusal.yaml",
+    "triplet_suffix_refusal_lengths": "configs/triplet_suffix_refusal_lengths.yaml",
 }
 SPLITS = ["train", "heldout_synonym", "heldout_concept", "format_b", "format_c"]
 
