@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 import json
 import os
@@ -99,6 +100,21 @@ def test_tiny_build_loads_like_any_model_and_the_cache_is_reused(home, monkeypat
     monkeypatch.setattr(build_module, "_train", no_training)
     assert build("aligned") == path
     assert load_records("organism:harmful")[0].kind == "harmful"
+
+
+def test_build_does_not_depend_on_the_callers_thread_count(home, monkeypatch):
+    # At the default recipe's widths and batch, one and two threads sum a step's floats in other orders.
+    recipe = dataclasses.replace(TINY, hidden=128, heads=4, mlp=384, batch_size=48, pretrain_steps=20)
+    digests = []
+    for threads in (1, 2):
+        monkeypatch.setenv("LIT_SAFETY_HOME", str(home / f"threads{threads}"))
+        torch.set_num_threads(threads)
+        path = build("helpful", recipe=recipe)
+        with open(os.path.join(path, "lit_safety_complete.json")) as f:
+            digests.append(json.load(f)["sha256"])
+        assert torch.get_num_threads() == threads, "the build must leave the caller's thread count as it was"
+    torch.set_num_threads(1)
+    assert digests[0] == digests[1]
 
 
 def test_corrupt_or_partial_cache_is_rebuilt(home):
