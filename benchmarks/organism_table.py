@@ -121,6 +121,8 @@ def aggregate(per_seed: dict[str, list[dict]]) -> dict:
         row["over_refusal"] = {k: spread([r["over_refusal"][k] for r in runs]) for k in first["over_refusal"]}
         row["train_seconds"] = spread([r["train_seconds"] or 0.0 for r in runs])
         row["eval_seconds"] = spread([r["eval_seconds"] for r in runs])
+        # which organism build each seed was measured on (results from before it was recorded: none)
+        row["organism_builds"] = sorted({r["base_model"]["sha256"][:12] for r in runs if r.get("base_model")})
         table[method] = row
     return table
 
@@ -132,7 +134,9 @@ def table_attacks(table: dict) -> list[str]:
 
 def markdown(table: dict, budgets: dict, seeds: int, n: int, seed_seconds: list[float | None], jobs: int) -> str:
     attacks = table_attacks(table)
-    lines = [f"ASR (exact judge) per attack and split; {n} behaviours per split, {seeds} seed(s), mean (min-max).", ""]
+    builds = sorted({b for row in table.values() for b in row.get("organism_builds", [])})
+    lines = [f"ASR (exact judge) per attack and split; {n} behaviours per split, {seeds} seed(s), mean (min-max)"
+             + (f"; organism build {', '.join(builds)} (checksum of its weights)." if builds else "."), ""]
     for attack in attacks:
         lines += [f"**{attack}**", "", "| method | " + " | ".join(SPLITS) + " |", "|---" * (len(SPLITS) + 1) + "|"]
         for method, row in table.items():

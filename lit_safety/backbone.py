@@ -53,6 +53,15 @@ def resolve_model(name: str) -> tuple[str, dict]:
     return name, {}
 
 
+def model_identity(name: str) -> dict:
+    """``name`` and, for a model this library built (the organism), the checksum of its weights: one
+    recipe built on two machines can be two organisms, so a figure names the one it was measured on."""
+    from lit_safety.cache import checksum
+
+    path, _ = resolve_model(name)
+    return {"name": name, "sha256": checksum(path) if os.path.isdir(path) else None}
+
+
 def num_decoder_layers(name: str) -> int | None:
     """The decoder layers of model ``name`` read from its config alone (no weights loaded); None when
     the config does not say (the layer count is then checked once the model is loaded)."""

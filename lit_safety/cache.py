@@ -38,6 +38,16 @@ def is_complete(path: str) -> bool:
         return False
 
 
+def checksum(path: str) -> str | None:
+    """The checksum sealed into artefact ``path``'s marker (read, not recomputed); None for a directory
+    this cache did not publish."""
+    try:
+        with open(os.path.join(path, MARKER)) as f:
+            return json.load(f)["sha256"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def staging(final: str) -> str:
     """A fresh, empty directory beside ``final`` to write an artefact into before ``publish``."""
     tmp = f"{final}.partial-{os.getpid()}"

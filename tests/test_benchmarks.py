@@ -4,10 +4,12 @@ meaningless here, the plumbing from `fit` and `test` to the result files is what
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from benchmarks import organism_table, smollm2
+from lit_safety.organism import model_dir
 
 
 def test_organism_table_runs_on_the_tiny_organism(tmp_path, quick_suite):
@@ -20,6 +22,9 @@ def test_organism_table_runs_on_the_tiny_organism(tmp_path, quick_suite):
     assert table["methods"]["refusal_sft"]["asr"]["prefill"]["train"]["n"] == 2
     text = (out / "organism_table.md").read_text()
     assert "| refusal_sft |" in text and "**worst_case**" in text and "ASR by budget" in text
+    with open(os.path.join(model_dir(), "lit_safety_complete.json")) as f:  # the build every row was measured on
+        build = json.load(f)["sha256"][:12]
+    assert all(row["organism_builds"] == [build] for row in table["methods"].values()) and build in text
     assert (out / "organism_table.png").stat().st_size > 0
     assert (out / "organism_curves.png").stat().st_size > 0
     assert set(table["methods"]["base"]["curves"]["embedding"]) == {"train", "heldout_synonym", "heldout_concept",

@@ -21,6 +21,7 @@ from lit_safety.evaluation import (
 from lit_safety.evaluation.attacks import target_nll
 from lit_safety.evaluation.suffix import layout, split_prompt
 from lit_safety.evaluation.suffix_attacks import PrefixCache
+from lit_safety.organism import model_dir
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +195,8 @@ evaluation:
     assert set(results["attack_seconds"]) == {"direct", "latent", "latent_1"} and results["attack_seconds"]["latent"] > 0
     assert os.path.getsize(os.path.join(log_dir, "eval_results.png")) > 0
     assert os.path.isfile(os.path.join(log_dir, "eval_results.md"))
+    with open(os.path.join(model_dir(), "lit_safety_complete.json")) as f:  # the organism build measured
+        assert results["base_model"] == {"name": "organism", "sha256": json.load(f)["sha256"]}
 
 
 @pytest.mark.parametrize("attacks, message", [

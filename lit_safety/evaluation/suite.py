@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lit_safety import artifacts
+from lit_safety import artifacts, backbone
 from lit_safety.data.formatting import ChatFormatter, collate
 from lit_safety.data.records import Record
 from lit_safety.evaluation.attacks import Attack, DirectRequest, PrefillAttack
@@ -316,7 +316,7 @@ class SafetyEvaluation(L.Callback):
                 self.evaluate(pl_module.model, pl_module.tokenizer, split, records, reference=pl_module.reference)
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
-        results = self.results()
+        results = {**self.results(), "base_model": backbone.model_identity(pl_module.hparams["base_model"])}
         scalars = {f"test/asr/{a}/{s}": v["rate"] for a, splits in results["asr"].items() for s, v in splits.items()}
         for key in ("benign_accuracy", "over_refusal", "benign_kl"):
             scalars.update({f"test/{key}/{s}": v for s, v in results[key].items()})
