@@ -22,6 +22,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import ROOT, atomic_write
+from lit_safety.cache import checksum
+from lit_safety.organism import model_dir
 
 SPLITS = {"train": "organism:eval_train", "heldout_synonym": "organism:eval_heldout_synonym",
           "heldout_concept": "organism:eval_heldout_concept", "benign": "organism:eval_benign_a",
@@ -71,8 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     models = dict(spec.split("=", 1) for spec in args.model or ["base=organism"])
     results = {name: probe(spec, args.n) for name, spec in models.items()}
-    atomic_write(os.path.join(args.out, "harm_probe.json"), json.dumps({"n": args.n, "models": results}, indent=1))
-    text = markdown(results, args.n)
+    build = checksum(model_dir())  # the organism whose prompts (and, by default, base) are probed
+    atomic_write(os.path.join(args.out, "harm_probe.json"),
+                 json.dumps({"n": args.n, "organism_build": build, "models": results}, indent=1))
+    text = markdown(results, args.n) + f"\nOrganism build {build[:12]} (checksum of its weights).\n"
     atomic_write(os.path.join(args.out, "harm_probe.md"), text)
     print(text)
 

@@ -222,3 +222,5 @@ def test_harm_probe_reports_each_splits_share_per_layer(tmp_path):
     for shares in layers.values():
         assert set(shares) == set(harm_probe.SPLITS) and all(0.0 <= v <= 1.0 for v in shares.values())
     assert "| base | 1 |" in (tmp_path / "harm_probe.md").read_text()
+    with open(os.path.join(model_dir(), "lit_safety_complete.json")) as f:
+        assert saved["organism_build"] == json.load(f)["sha256"]
