@@ -37,7 +37,8 @@ def row(result: dict) -> dict:
             "embedding": {s: {b: curves[s][b]["rate"] for b in BUDGETS if b in curves[s]}  # absent: stopped short
                           for s in HARMFUL},
             "benign_accuracy": {f: result["benign_accuracy"][f] for f in "ABC"},
-            "train_seconds": result["train_seconds"]}
+            "train_seconds": result["train_seconds"],
+            "organism_build": (result.get("base_model") or {}).get("sha256")}
 
 
 def markdown(rows: dict, n: int) -> str:
@@ -61,7 +62,9 @@ def markdown(rows: dict, n: int) -> str:
                      f"{rate('latent', 'heldout_synonym')} / {rate('latent', 'heldout_concept')} | "
                      f"{rate('worst_case', 'heldout_synonym')} / {rate('worst_case', 'heldout_concept')} | "
                      f"{' / '.join(f'{benign[f]:.2f}' for f in 'ABC')} | {seconds} |")
-    settings = "\n".join(f"- {name}: `{' '.join([r['config'], *r['overrides']])}`" for name, r in rows.items())
+    settings = "\n".join(f"- {name}: `{' '.join([r['config'], *r['overrides']])}`"
+                         + (f" (organism build {r['organism_build'][:12]})" if r.get("organism_build") else "")
+                         for name, r in rows.items())
     return head + "\n".join(lines) + "\n\nSettings:\n" + settings + "\n"
 
 

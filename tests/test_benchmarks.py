@@ -210,6 +210,9 @@ def test_screen_adds_a_settings_row_and_keeps_the_others(tmp_path, quick_suite):
     assert set(row["benign_accuracy"]) == {"A", "B", "C"} and row["train_seconds"] > 0
     text = (tmp_path / "screens.md").read_text()
     assert "| sft |" in text and "| sft_kl |" in text and "--model.refusal_weight=0.5" in text
+    with open(os.path.join(model_dir(), "lit_safety_complete.json")) as f:
+        build = json.load(f)["sha256"]
+    assert row["organism_build"] == build and f"(organism build {build[:12]})" in text
 
 
 def test_harm_probe_reports_each_splits_share_per_layer(tmp_path):
