@@ -57,7 +57,8 @@ def point(runs: list[dict]) -> dict:
             "embedding": {b: spread([c[b]["rate"] for c in curves]) for b in EMBEDDING_BUDGETS
                           if all(b in c for c in curves)},
             "benign_accuracy": {f: spread([r["benign_accuracy"][f] for r in runs]) for f in FORMATS},
-            "train_seconds": spread([r["train_seconds"] or 0.0 for r in runs])}
+            "train_seconds": spread([r["train_seconds"] or 0.0 for r in runs]),
+            "organism_builds": sorted({r["base_model"]["sha256"][:12] for r in runs if r.get("base_model")})}
 
 
 def frontier(points: dict, split: str = "heldout_synonym") -> set[tuple[str, str]]:
@@ -68,12 +69,21 @@ def frontier(points: dict, split: str = "heldout_synonym") -> set[tuple[str, str
             if not any(a <= asr and b >= acc and (a, b) != (asr, acc) for a, b in flat.values())}
 
 
+def builds_note(points: dict) -> str:
+    """Which organism builds the points were measured on: points of two builds are two organisms."""
+    builds = sorted({b for settings in points.values() for p in settings.values() for b in p.get("organism_builds", [])})
+    if not builds:
+        return ""
+    return (f" Organism build {builds[0]} (checksum of its weights)." if len(builds) == 1 else
+            f" Organism builds {', '.join(builds)}: points of different builds are not comparable on held-out splits.")
+
+
 def markdown(points: dict, seeds: int, n: int) -> str:
     base = points["base"]["-"]
     on_frontier = frontier(points)
     lines = [f"Organism frontier: worst-case ASR over the whole suite (exact judge) on held-out behaviours against "
              f"benign accuracy; {n} behaviours per split, {seeds} seed(s), mean (min-max). * = on the frontier "
-             "(held-out synonyms against chat accuracy).", "",
+             "(held-out synonyms against chat accuracy)." + builds_note(points), "",
              "| method | knob = setting | worst case: synonyms | worst case: concepts | "
              + " | ".join(f"inference-time worst case: {s.split('_')[1]}" for s in HELD_OUT) + " | "
              + " | ".join(f"embedding @{b}: synonyms" for b in EMBEDDING_BUDGETS)

@@ -88,6 +88,11 @@ def test_frontier_reports_the_embedding_budgets_of_the_targets_and_the_best_sett
     assert "- inference-time worst case on heldout_synonym: b at 1, 0.40" in text
     assert "- embedding @300 on heldout_synonym: a at 1, 0.30 (0.20-0.40)" in text
     assert "- embedding @1000 on heldout_synonym: a at 1, 1.00" in text
+    assert "Organism build" not in text  # these results do not say which build they were measured on
+    points["a"]["2"] = point([{**run(0.5, 0.0, 0.5), "base_model": {"name": "organism", "sha256": "f" * 64}}])
+    points["b"]["1"] = point([{**run(0.8, 0.6, 0.95), "base_model": {"name": "organism", "sha256": "e" * 64}}])
+    assert f"Organism builds {'e' * 12}, {'f' * 12}: points of different builds are not comparable" in markdown(
+        points, seeds=2, n=10)
 
 
 def test_frontier_keeps_earlier_points_of_methods_it_does_not_sweep_when_measured_alike(tmp_path):
