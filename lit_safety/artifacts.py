@@ -184,6 +184,20 @@ def load_module(checkpoint_path: str, map_location: str = "cpu"):
     return module
 
 
+def base_model_name(spec: str) -> str:
+    """The model ``spec`` (as ``load_for_evaluation`` takes it) is built on: a checkpoint's or an
+    adapter's base model, else ``spec`` itself."""
+    if spec.endswith(".ckpt"):
+        return read_checkpoint(spec)["hyper_parameters"]["base_model"]
+    adapter_config = os.path.join(spec, "adapter_config.json")
+    if os.path.isfile(adapter_config):
+        card = os.path.join(spec, CARD_DATA)
+        with open(card if os.path.isfile(card) else adapter_config) as f:
+            data = json.load(f)
+        return data.get("base_model") or data["base_model_name_or_path"]
+    return spec
+
+
 def load_for_evaluation(spec: str):
     """Return ``(model, tokenizer)`` for ``spec``, in eval mode.
 
@@ -194,14 +208,9 @@ def load_for_evaluation(spec: str):
     if spec.endswith(".ckpt"):
         module = load_module(spec)
         return module.model.eval(), module.tokenizer
-    adapter_config = os.path.join(spec, "adapter_config.json")
-    if os.path.isfile(adapter_config):
+    if os.path.isfile(os.path.join(spec, "adapter_config.json")):
         from peft import PeftModel
 
-        card = os.path.join(spec, CARD_DATA)
-        with open(card if os.path.isfile(card) else adapter_config) as f:
-            data = json.load(f)
-        base_name = data.get("base_model") or data["base_model_name_or_path"]
-        model = PeftModel.from_pretrained(backbone.load_causal_lm(base_name), spec)
+        model = PeftModel.from_pretrained(backbone.load_causal_lm(base_model_name(spec)), spec)
         return model.eval(), backbone.load_tokenizer(spec)
     return backbone.load_causal_lm(spec).eval(), backbone.load_tokenizer(spec)

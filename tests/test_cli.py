@@ -5,6 +5,7 @@ import pytest
 import torch
 import yaml
 
+from lit_safety import backbone
 from lit_safety.cli import main
 from lit_safety.evaluation import SafetyEvaluation
 
@@ -235,8 +236,11 @@ def test_every_way_to_point_at_a_trained_model_works(tiny_args, tmp_path, monkey
     card = open(os.path.join(adapter, "README.md")).read()
     assert card.startswith("---\nbase_model: organism\nlibrary_name: peft") and "- steps: 3" in card
     assert "## Evaluation" not in card
-    organism_main(["report", "--model", checkpoint, "--n", "2", "--json", str(tmp_path / "report.json")])
-    assert json.loads((tmp_path / "report.json").read_text())["asr"]["direct"]["train"]["n"] == 2
+    for spec in (checkpoint, adapter):  # a report names the build the trained adapters sit on
+        organism_main(["report", "--model", spec, "--n", "2", "--json", str(tmp_path / "report.json")])
+        report = json.loads((tmp_path / "report.json").read_text())
+        assert report["asr"]["direct"]["train"]["n"] == 2
+        assert report["base_model"] == backbone.model_identity("organism") and report["base_model"]["sha256"]
     main(["test", "--config", config, *args, "--ckpt_path", checkpoint, "--data.test_size=2",
           "--evaluation", quick_suite, "--evaluation.init_args.projector_layer=null"])
     card = open(os.path.join(adapter, "README.md")).read()

@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> None:
 
         print(build_variant(args.variant))
         return
-    from lit_safety.artifacts import load_for_evaluation
+    from lit_safety import backbone
+    from lit_safety.artifacts import base_model_name, load_for_evaluation
     from lit_safety.data.records import DataError
     from lit_safety.evaluation.report import to_markdown
     from lit_safety.organism.report import organism_report
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     except DataError as e:  # e.g. a split name that does not exist
         parser.error(str(e))
     results["model"] = args.model
+    results["base_model"] = backbone.model_identity(base_model_name(args.model))  # the organism build measured
     results["seconds"] = round(time.perf_counter() - start, 1)
     sys.stdout.write(to_markdown(results))
     if args.json:
