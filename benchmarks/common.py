@@ -69,3 +69,9 @@ def judge_agreement(judge: str, results: str = os.path.join(ROOT, "benchmarks", 
     scores = "; ".join(f"{r['accuracy']:.2f} accuracy, {r['precision']:.2f} precision, {r['recall']:.2f} recall "
                        f"on {labels} (n={r['n']})" for labels, r in measured.items())
     return f"Judge: {judge}; against PyRIT's human labels ({os.path.basename(results)}): {scores}."
+
+
+def organism_builds(runs: list[dict]) -> list[str]:
+    """The organism builds (weights checksum, 12 digits) ``runs`` were measured on; results from before
+    the build was recorded name none."""
+    return sorted({r["base_model"]["sha256"][:12] for r in runs if r.get("base_model")})

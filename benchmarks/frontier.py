@@ -23,7 +23,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import ROOT, atomic_write, spread, spread_cell
+from benchmarks.common import ROOT, atomic_write, organism_builds, spread, spread_cell
 from benchmarks.organism_table import METHODS, evaluate_method
 
 # method -> (its main knob, three settings: weaker to stronger)
@@ -58,7 +58,7 @@ def point(runs: list[dict]) -> dict:
                           if all(b in c for c in curves)},
             "benign_accuracy": {f: spread([r["benign_accuracy"][f] for r in runs]) for f in FORMATS},
             "train_seconds": spread([r["train_seconds"] or 0.0 for r in runs]),
-            "organism_builds": sorted({r["base_model"]["sha256"][:12] for r in runs if r.get("base_model")})}
+            "organism_builds": organism_builds(runs)}
 
 
 def frontier(points: dict, split: str = "heldout_synonym") -> set[tuple[str, str]]:

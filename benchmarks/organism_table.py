@@ -26,7 +26,7 @@ import time
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import ROOT, WORST_CASES, atomic_write, run, spread, spread_cell
+from benchmarks.common import ROOT, WORST_CASES, atomic_write, organism_builds, run, spread, spread_cell
 
 METHODS = {
     "base": None,
@@ -121,8 +121,7 @@ def aggregate(per_seed: dict[str, list[dict]]) -> dict:
         row["over_refusal"] = {k: spread([r["over_refusal"][k] for r in runs]) for k in first["over_refusal"]}
         row["train_seconds"] = spread([r["train_seconds"] or 0.0 for r in runs])
         row["eval_seconds"] = spread([r["eval_seconds"] for r in runs])
-        # which organism build each seed was measured on (results from before it was recorded: none)
-        row["organism_builds"] = sorted({r["base_model"]["sha256"][:12] for r in runs if r.get("base_model")})
+        row["organism_builds"] = organism_builds(runs)
         table[method] = row
     return table
 

@@ -31,10 +31,10 @@ def _digest(path: str) -> str:
 
 def is_complete(path: str) -> bool:
     """True when ``path`` was fully written and no file changed since (checksum marker)."""
+    sealed = checksum(path)
     try:
-        with open(os.path.join(path, MARKER)) as f:
-            return json.load(f)["sha256"] == _digest(path)
-    except (OSError, ValueError, KeyError):
+        return sealed is not None and sealed == _digest(path)
+    except OSError:
         return False
 
 
