@@ -32,6 +32,7 @@ METHODS = {
     "lat_rmu": (TargetedLATModule, {"objective": RMU(layer=1), "adversary": LATAdversary(layers=[0], steps=2)}),
     "lat_dpo": (TargetedLATModule, {"objective": DPO(), "adversary": LATAdversary(layers=[0], steps=2)}),
     "refat": (RefusalFeatureATModule, {"refresh_interval": 1, "kl_weight": 1.0}),
+    "refusal_sft_embedding_noise": (RefusalSFTModule, {"embedding_noise": 0.5}),
 }
 
 
@@ -62,6 +63,26 @@ def test_only_lora_changes_and_reference_stays_the_base(name):
     assert not torch.equal(module.model(ids).logits, reference_logits)
     assert all("lora_" in k for k in module.state_dict())
     assert not any(layer._forward_hooks for layer in backbone.decoder_layers(module.model))
+
+
+def test_embedding_noise_moves_each_token_by_its_share_of_its_norm_in_training_only():
+    from lit_safety.methods.base import noisy_embeddings
+
+    layer = torch.nn.Embedding(5, 4)
+    embeddings = torch.tensor([[[3.0, 4.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]])  # norms 5 and 1
+    moved = noisy_embeddings(layer.train(), embeddings, 0.2) - embeddings
+    assert torch.allclose(moved.norm(dim=-1), torch.tensor([[1.0, 0.2]]))
+    assert torch.equal(noisy_embeddings(layer.eval(), embeddings, 0.2), embeddings)
+
+    module = RefusalSFTModule(embedding_noise=0.5)
+    module.configure_model()
+    ids = torch.randint(7, 40, (2, 8))
+    module.train()
+    assert not torch.equal(module.model(ids).logits, module.model(ids).logits)  # a fresh draw each pass
+    module.eval()
+    assert torch.equal(module.model(ids).logits, module.model(ids).logits)
+    with pytest.raises(ValueError, match="embedding_noise"):
+        RefusalSFTModule(embedding_noise=-0.1)
 
 
 def test_exported_adapter_and_merged_model_reproduce_the_trained_module(tmp_path, monkeypatch):

@@ -43,6 +43,16 @@ CALIBRATION_KEY = "lit_safety_calibration"
 STATE_KEY = "lit_safety_training_state"
 
 
+def noisy_embeddings(module: torch.nn.Module, embeddings: Tensor, scale: float) -> Tensor:
+    """``embeddings`` [B, T, D] with each token moved by ``scale`` times its own norm in a uniformly
+    random direction, when ``module`` is in training mode (else unchanged)."""
+    if not module.training:
+        return embeddings
+    direction = torch.randn_like(embeddings)
+    direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return embeddings + scale * embeddings.detach().norm(dim=-1, keepdim=True) * direction
+
+
 class SafetyModule(L.LightningModule):
     """Base of every lit_safety method: a causal LM with LoRA adapters and its frozen reference.
 
@@ -58,6 +68,11 @@ class SafetyModule(L.LightningModule):
         dtype: dtype of the base weights ("bfloat16" halves memory at 8B scale).
         quantization: "4bit" (NF4, QLoRA) or "8bit" base weights through bitsandbytes.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
+        embedding_noise: in training forward passes, every token embedding moves by this fraction of
+            its own L2 norm in a uniformly random direction, drawn anew each pass (0: off). Like
+            dropout it acts only in training mode: the reference, validation and evaluation see the
+            tokens as they are. A refusal learned on noisy tokens must hold for a neighbourhood of
+            each training word, and so can reach nearby words it never saw (held-out synonyms).
         optimizer: optimizer of the LoRA parameters.
         scheduler: learning-rate scheduler, stepped once per optimizer step.
     """
@@ -77,12 +92,15 @@ class SafetyModule(L.LightningModule):
         dtype: DType = "float32",
         quantization: Quantization | None = None,
         gradient_checkpointing: bool = False,
+        embedding_noise: float = 0.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
     ):
         super().__init__()
         if lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1, got {lora_rank}")
+        if embedding_noise < 0:
+            raise ValueError(f"embedding_noise must be >= 0, got {embedding_noise}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -111,6 +129,9 @@ class SafetyModule(L.LightningModule):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
         self.validate_layers(len(backbone.decoder_layers(self.model)))
+        if hp.embedding_noise > 0:
+            embeddings = self.model.get_input_embeddings()
+            embeddings.register_forward_hook(lambda module, _args, out: noisy_embeddings(module, out, hp.embedding_noise))
         self.init_adapters()
         self.model.train()  # from_pretrained returns eval mode; LoRA dropout must be live in training
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 is applied here, by the module
