@@ -232,3 +232,8 @@ def test_harm_probe_reports_each_splits_share_per_layer(tmp_path):
     assert "| base | 1 |" in (tmp_path / "harm_probe.md").read_text()
     with open(os.path.join(model_dir(), "lit_safety_complete.json")) as f:
         assert saved["organism_build"] == json.load(f)["sha256"]
+    harm_probe.main(["--n", "8", "--position", "object", "--out", str(tmp_path)])
+    at_object = json.loads((tmp_path / "harm_probe_object.json").read_text())
+    assert at_object["position"] == "object" and list(at_object["models"]["base"]) == ["0", "1"]
+    assert at_object["models"] != saved["models"]  # other states than the last token's
+    assert "object-word states" in (tmp_path / "harm_probe_object.md").read_text()
