@@ -78,9 +78,13 @@ def test_embedding_noise_moves_each_token_by_its_share_of_its_norm_in_training_o
     module.configure_model()
     ids = torch.randint(7, 40, (2, 8))
     module.train()
-    assert not torch.equal(module.model(ids).logits, module.model(ids).logits)  # a fresh draw each pass
-    module.eval()
+    with module.embedding_noise():
+        assert not torch.equal(module.model(ids).logits, module.model(ids).logits)  # a fresh draw each pass
+        module.eval()
+        assert torch.equal(module.model(ids).logits, module.model(ids).logits)
+    module.train()  # outside a training step the model carries no hook (copies for attacks stay clean)
     assert torch.equal(module.model(ids).logits, module.model(ids).logits)
+    assert not module.model.get_input_embeddings()._forward_hooks
     with pytest.raises(ValueError, match="embedding_noise"):
         RefusalSFTModule(embedding_noise=-0.1)
 

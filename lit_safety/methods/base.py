@@ -73,6 +73,7 @@ class SafetyModule(L.LightningModule):
             dropout it acts only in training mode: the reference, validation and evaluation see the
             tokens as they are. A refusal learned on noisy tokens must hold for a neighbourhood of
             each training word, and so can reach nearby words it never saw (held-out synonyms).
+            It acts within ``training_step`` only.
         optimizer: optimizer of the LoRA parameters.
         scheduler: learning-rate scheduler, stepped once per optimizer step.
     """
@@ -129,9 +130,6 @@ class SafetyModule(L.LightningModule):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
         self.validate_layers(len(backbone.decoder_layers(self.model)))
-        if hp.embedding_noise > 0:
-            embeddings = self.model.get_input_embeddings()
-            embeddings.register_forward_hook(lambda module, _args, out: noisy_embeddings(module, out, hp.embedding_noise))
         self.init_adapters()
         self.model.train()  # from_pretrained returns eval mode; LoRA dropout must be live in training
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 is applied here, by the module
@@ -239,9 +237,26 @@ class SafetyModule(L.LightningModule):
             self.log(f"{stage}/{name}", value.detach().float(), batch_size=size, prog_bar=name == "loss",
                      sync_dist=stage != "train")
 
+    @contextlib.contextmanager
+    def embedding_noise(self):
+        """Context in which training-mode passes see ``embedding_noise`` on their token embeddings.
+        The hook lives only within a training step: a copy of the model made for evaluation (the
+        tampering attack fine-tunes one in training mode) must not carry it."""
+        if not self.hparams.embedding_noise:
+            yield
+            return
+        scale = self.hparams.embedding_noise
+        handle = self.model.get_input_embeddings().register_forward_hook(
+            lambda module, _args, out: noisy_embeddings(module, out, scale))
+        try:
+            yield
+        finally:
+            handle.remove()
+
     def training_step(self, batch: SafetyBatch, batch_idx: int) -> Tensor:
         check_batch(batch, self.stream_fields, type(self).__name__)
-        terms = self.compute_losses(batch)
+        with self.embedding_noise():
+            terms = self.compute_losses(batch)
         self._log_terms("train", terms, batch)
         return terms["loss"]
 
