@@ -91,17 +91,22 @@ def finite(losses: list[float]) -> list[float]:
 
 
 @contextlib.contextmanager
-def edit_layer_output(model, layer: int, edit: Callable[[Tensor], Tensor]) -> Iterator[None]:
-    """Within the block, decoder layer ``layer``'s output h is replaced by ``edit(h)``."""
-    stack = decoder_layers(model)
-    (index,) = resolve_layers([layer], len(stack))
-    handle = stack[index].register_forward_hook(
+def edit_output(module: torch.nn.Module, edit: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Within the block, ``module``'s output h is replaced by ``edit(h)``."""
+    handle = module.register_forward_hook(
         lambda _module, _args, output: replace_output(output, edit(output_tensor(output)))
     )
     try:
         yield
     finally:
         handle.remove()
+
+
+def edit_layer_output(model, layer: int, edit: Callable[[Tensor], Tensor]):
+    """Within the block, decoder layer ``layer``'s output h is replaced by ``edit(h)``."""
+    stack = decoder_layers(model)
+    (index,) = resolve_layers([layer], len(stack))
+    return edit_output(stack[index], edit)
 
 
 class ResidualAttack:

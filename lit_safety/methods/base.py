@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
 
 from lit_safety import artifacts, backbone, sharding
+from lit_safety.adversaries import edit_output
 from lit_safety.backbone import DType, Quantization
 from lit_safety.data.batch import SafetyBatch, check_batch
 
@@ -237,21 +238,14 @@ class SafetyModule(L.LightningModule):
             self.log(f"{stage}/{name}", value.detach().float(), batch_size=size, prog_bar=name == "loss",
                      sync_dist=stage != "train")
 
-    @contextlib.contextmanager
     def embedding_noise(self):
         """Context in which training-mode passes see ``embedding_noise`` on their token embeddings.
         The hook lives only within a training step: a copy of the model made for evaluation (the
         tampering attack fine-tunes one in training mode) must not carry it."""
         if not self.hparams.embedding_noise:
-            yield
-            return
-        scale = self.hparams.embedding_noise
-        handle = self.model.get_input_embeddings().register_forward_hook(
-            lambda module, _args, out: noisy_embeddings(module, out, scale))
-        try:
-            yield
-        finally:
-            handle.remove()
+            return contextlib.nullcontext()
+        embeddings = self.model.get_input_embeddings()
+        return edit_output(embeddings, lambda h: noisy_embeddings(embeddings, h, self.hparams.embedding_noise))
 
     def training_step(self, batch: SafetyBatch, batch_idx: int) -> Tensor:
         check_batch(batch, self.stream_fields, type(self).__name__)
