@@ -35,24 +35,14 @@ SPLITS = {"train": "organism:eval_train", "heldout_synonym": "organism:eval_held
           "borderline": "organism:eval_borderline"}
 
 
-def object_states(model, formatter, records, layers: list[int]) -> dict:
-    """[records, hidden] decoder-layer outputs at each request's object word (its second word)."""
-    import torch
+def object_position(tokenizer):
+    """``position`` for ``last_prompt_states``: the last occurrence of the request's object word (its
+    second word: "<action> <object> : <task>")."""
+    def position(record, ids: list[int]) -> int:
+        word = tokenizer.convert_tokens_to_ids(record.messages[-1]["content"].split()[1])
+        return max(i for i, token in enumerate(ids) if token == word)
 
-    from lit_safety.evaluation.generation import prompt_ids
-    from lit_safety.representations import forward_states
-
-    out: dict[int, list] = {layer: [] for layer in layers}
-    for record in records:
-        ids = prompt_ids(formatter, record)
-        word = formatter.tokenizer.convert_tokens_to_ids(record.messages[-1]["content"].split()[1])
-        position = max(i for i, token in enumerate(ids) if token == word)
-        with torch.no_grad():
-            states, _ = forward_states(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), layers,
-                                       logits=False)
-        for layer in layers:
-            out[layer].append(states[layer][0, position].float())
-    return {layer: torch.stack(rows) for layer, rows in out.items()}
+    return position
 
 
 def probe(model_spec: str, n: int, position: str = "last") -> dict:
@@ -66,10 +56,13 @@ def probe(model_spec: str, n: int, position: str = "last") -> dict:
     model, tokenizer = load_for_evaluation(model_spec)
     formatter = ChatFormatter(tokenizer, max_prompt_length=512)
     layers = list(range(len(decoder_layers(model))))
-    states = last_prompt_states if position == "last" else object_states
-    train = {kind: states(model, formatter, load_records(f"organism:{kind}")[:n], layers)
-             for kind in ("harmful", "benign")}
-    evaluated = {split: states(model, formatter, load_records(source)[:n], layers) for split, source in SPLITS.items()}
+    at = object_position(tokenizer) if position == "object" else None
+
+    def states(records):
+        return last_prompt_states(model, formatter, records, layers, position=at)
+
+    train = {kind: states(load_records(f"organism:{kind}")[:n]) for kind in ("harmful", "benign")}
+    evaluated = {split: states(load_records(source)[:n]) for split, source in SPLITS.items()}
     out = {}
     for layer in layers:
         harmful, benign = train["harmful"][layer].mean(0), train["benign"][layer].mean(0)

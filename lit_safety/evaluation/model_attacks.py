@@ -4,7 +4,7 @@ steering) and harmful fine-tuning (tampering with the weights)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -42,17 +42,21 @@ def _check_source(source: str, attack: str, field_name: str) -> None:
 
 @torch.no_grad()
 def last_prompt_states(model, formatter: ChatFormatter, records: Sequence[Record], layers: list[int],
-                       batch_size: int = 64) -> dict[int, Tensor]:
-    """[records, hidden] residual states (decoder layer outputs) at each prompt's last token, per layer."""
+                       batch_size: int = 64, position: Callable[[Record, list[int]], int] | None = None) -> dict[int, Tensor]:
+    """[records, hidden] residual states (decoder layer outputs) at each prompt's last token, per layer;
+    ``position(record, its prompt ids)`` picks another token of each prompt instead."""
     from lit_safety.representations import forward_states
 
     device = next(model.parameters()).device
     out: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     for _, chunk in chunks(records, batch_size):
-        ids, mask = left_pad([prompt_ids(formatter, r) for r in chunk], formatter.tokenizer.pad_token_id)
+        prompts = [prompt_ids(formatter, r) for r in chunk]
+        ids, mask = left_pad(prompts, formatter.tokenizer.pad_token_id)
         states, _ = forward_states(model, ids.to(device), mask.to(device), layers, logits=False)
+        width = ids.shape[1]  # left padding: a prompt's token i sits at width - len + i
+        at = torch.tensor([width - 1 if position is None else width - len(p) + position(r, p) for r, p in zip(chunk, prompts)])
         for layer in layers:
-            out[layer].append(states[layer][:, -1].float())
+            out[layer].append(states[layer][torch.arange(len(prompts)), at.to(device)].float())
     return {layer: torch.cat(rows) for layer, rows in out.items()}
 
 
