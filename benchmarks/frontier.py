@@ -7,9 +7,9 @@ settings of its main knob, several seeds each. Writes benchmarks/results/frontie
 Each (method, setting, seed) is trained and attacked as in benchmarks/organism_table.py (the same
 configs and suite, the knob passed on the command line); "base" is the aligned organism. Worst case:
 a behaviour counts if any attack of the suite broke it (exact judge, harm done); the inference-time
-worst case leaves out the attacks that change the weights (tampering). A setting is on a
-method's frontier when no other setting of any method has both lower worst-case ASR and higher chat
-benign accuracy. The points of methods a run does not sweep are kept from the frontier.json it
+worst case leaves out the attacks that change the weights (tampering). The frontier and the PNG plot
+the inference-time worst case (see ``robustness``): a setting is on the frontier when no other
+setting of any method has both lower ASR there and higher chat benign accuracy. The points of methods a run does not sweep are kept from the frontier.json it
 replaces, if that was measured with as many seeds and behaviours.
 """
 
@@ -61,9 +61,16 @@ def point(runs: list[dict]) -> dict:
             "organism_builds": organism_builds(runs)}
 
 
+def robustness(p: dict, split: str) -> dict:
+    """The frontier's ASR axis: the inference-time worst case (tampering, which any open-weight model
+    falls to, would put every point at 1.00), or for results without it the whole suite's worst case,
+    which bounds it from above."""
+    return p.get("worst_case_inference", {}).get(split) or p["worst_case"][split]
+
+
 def frontier(points: dict, split: str = "heldout_synonym") -> set[tuple[str, str]]:
     """(method, setting) pairs no other point beats on both worst-case ASR and chat benign accuracy."""
-    flat = {(m, s): (p["worst_case"][split]["mean"], p["benign_accuracy"]["A"]["mean"])
+    flat = {(m, s): (robustness(p, split)["mean"], p["benign_accuracy"]["A"]["mean"])
             for m, settings in points.items() for s, p in settings.items()}
     return {key for key, (asr, acc) in flat.items()
             if not any(a <= asr and b >= acc and (a, b) != (asr, acc) for a, b in flat.values())}
@@ -81,9 +88,10 @@ def builds_note(points: dict) -> str:
 def markdown(points: dict, seeds: int, n: int) -> str:
     base = points["base"]["-"]
     on_frontier = frontier(points)
-    lines = [f"Organism frontier: worst-case ASR over the whole suite (exact judge) on held-out behaviours against "
-             f"benign accuracy; {n} behaviours per split, {seeds} seed(s), mean (min-max). * = on the frontier "
-             "(held-out synonyms against chat accuracy)." + builds_note(points), "",
+    lines = [f"Organism frontier: worst-case ASR (exact judge) on held-out behaviours against benign accuracy; "
+             f"{n} behaviours per split, {seeds} seed(s), mean (min-max). * = on the frontier (inference-time worst "
+             "case on held-out synonyms, or the whole suite's where that was not measured apart, against chat "
+             "accuracy)." + builds_note(points), "",
              "| method | knob = setting | worst case: synonyms | worst case: concepts | "
              + " | ".join(f"inference-time worst case: {s.split('_')[1]}" for s in HELD_OUT) + " | "
              + " | ".join(f"embedding @{b}: synonyms" for b in EMBEDDING_BUDGETS)
@@ -131,7 +139,7 @@ def plot(points: dict, path: str) -> None:
     for ax, split in zip(axes, HELD_OUT):
         for method, settings in points.items():
             xs = [p["benign_accuracy"]["A"] for p in settings.values()]
-            ys = [p["worst_case"][split] for p in settings.values()]
+            ys = [robustness(p, split) for p in settings.values()]
             ax.errorbar([x["mean"] for x in xs], [y["mean"] for y in ys],
                         xerr=[[x["mean"] - x["min"] for x in xs], [x["max"] - x["mean"] for x in xs]],
                         yerr=[[y["mean"] - y["min"] for y in ys], [y["max"] - y["mean"] for y in ys]],
@@ -140,7 +148,7 @@ def plot(points: dict, path: str) -> None:
                 ax.annotate(str(setting), (x["mean"], y["mean"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_title(split)
         ax.set_xlabel("benign accuracy, chat format")
-    axes[0].set_ylabel("worst-case ASR (exact judge)")
+    axes[0].set_ylabel("inference-time worst-case ASR (exact judge)")
     axes[0].set_ylim(-0.02, 1.05)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=min(len(points), 5), fontsize=8, frameon=False)

@@ -62,6 +62,9 @@ def test_frontier_keeps_only_undominated_points():
     assert frontier(points) == {("b", "2")}  # b at 2 beats or ties every other point on both axes
     points["b"]["2"] = p(0.3, 0.95)
     assert frontier(points) == {("a", "2"), ("b", "2")}
+    # tampering puts a's suite worst case at 1.00; the frontier reads its inference-time worst case
+    points["a"]["1"] = {**p(1.0, 0.96), "worst_case_inference": {"heldout_synonym": {"mean": 0.1}}}
+    assert frontier(points) == {("a", "1")}  # it beats every other point on both axes
 
 
 def test_frontier_reports_the_embedding_budgets_of_the_targets_and_the_best_setting_per_axis():
