@@ -206,18 +206,22 @@ def test_organism_table_puts_rows_from_before_an_attack_beside_rows_that_have_it
 def test_screen_adds_a_settings_row_and_keeps_the_others(tmp_path, quick_suite):
     from benchmarks import screen
 
-    common = ["--n", "2", "--out", str(tmp_path), "--work", str(tmp_path / "work"), "--evaluation", quick_suite]
-    screen.main([*common, "sft", "configs/refusal_sft.yaml", "--trainer.max_steps=2"])
-    screen.main([*common, "sft_kl", "configs/refusal_sft.yaml", "--trainer.max_steps=2", "--model.refusal_weight=0.5"])
+    # A row screened earlier, before the 20-vector attack and the build were recorded: it stays as it was.
+    earlier = {"asr": {"direct": {"train": {"rate": 0.25}}}, "embedding": {s: {} for s in screen.HARMFUL},
+               "benign_accuracy": {f: 0.5 for f in "ABC"}, "train_seconds": None, "config": "configs/refusal_sft.yaml",
+               "overrides": [], "seed": 0}
+    (tmp_path / "screens.json").write_text(json.dumps({"n": 2, "settings": {"sft": earlier}}))
+    screen.main(["--n", "2", "--out", str(tmp_path), "--work", str(tmp_path / "work"), "--evaluation", quick_suite,
+                 "sft_kl", "configs/refusal_sft.yaml", "--trainer.max_steps=2", "--model.refusal_weight=0.5"])
     saved = json.loads((tmp_path / "screens.json").read_text())
-    assert list(saved["settings"]) == ["sft", "sft_kl"]
+    assert list(saved["settings"]) == ["sft", "sft_kl"] and saved["settings"]["sft"] == earlier
     row = saved["settings"]["sft_kl"]
     assert row["overrides"] == ["--trainer.max_steps=2", "--model.refusal_weight=0.5"]
     assert set(row["asr"]["embedding"]) == {"train", "heldout_synonym", "heldout_concept"}
     assert set(row["asr"]["embedding_20"]) == {"heldout_synonym", "heldout_concept"}  # the suite's attack_splits
     assert set(row["benign_accuracy"]) == {"A", "B", "C"} and row["train_seconds"] > 0
     text = (tmp_path / "screens.md").read_text()
-    assert "| sft |" in text and "| sft_kl |" in text and "--model.refusal_weight=0.5" in text
+    assert "| sft | 0.25 / — / — | — / — |" in text and "| sft_kl |" in text and "--model.refusal_weight=0.5" in text
     with open(os.path.join(model_dir(), "lit_safety_complete.json")) as f:
         build = json.load(f)["sha256"]
     assert row["organism_build"] == build and f"(organism build {build[:12]})" in text
