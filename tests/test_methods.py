@@ -89,6 +89,43 @@ def test_embedding_noise_moves_each_token_by_its_share_of_its_norm_in_training_o
         RefusalSFTModule(embedding_noise=-0.1)
 
 
+def _without_padding(row: torch.Tensor) -> torch.Tensor:
+    nonzero = row.nonzero()
+    return row[: int(nonzero[-1]) + 1] if len(nonzero) else row[:0]
+
+
+@pytest.mark.parametrize("name", ["refusal_sft", "triplet", "circuit_breaker", "lat_refusal", "refat"])
+def test_embedding_noise_reaches_the_passes_over_harmful_requests_only(name):
+    cls, kwargs = METHODS[name]
+    module = cls(**kwargs, embedding_noise=0.5)
+    module.configure_model()
+    passes = []  # [input ids, clean embeddings, what the first decoder layer received]
+
+    def decoder_input(_module, args, kw):
+        passes[-1].append((args[0] if args else kw["hidden_states"]).detach().clone())
+
+    hooks = [module.model.get_input_embeddings().register_forward_hook(
+                 lambda _module, args, out: passes.append([args[0], out.detach().clone()])),
+             backbone.decoder_layers(module.model)[0].register_forward_pre_hook(decoder_input, with_kwargs=True)]
+    batches = []
+    step = module.training_step
+    module.training_step = lambda batch, *args: batches.append(batch) or step(batch, *args)
+    fit(module, steps=1)
+    for hook in hooks:
+        hook.remove()
+    (batch,) = batches
+    rows = lambda stream: [_without_padding(r) for seq in batch[stream].values() for r in seq["input_ids"]]  # noqa: E731
+    harmful, benign = rows("harmful"), rows("benign")
+    noised = {"harmful": 0, "benign": 0}
+    for ids, clean, received in (p for p in passes if len(p) == 3):
+        for r in range(len(ids)):
+            kind = next((k for k, known in (("benign", benign), ("harmful", harmful))
+                         if any(torch.equal(_without_padding(ids[r]), x) for x in known)), None)
+            if kind is not None and not torch.allclose(clean[r], received[r]):
+                noised[kind] += 1
+    assert noised["harmful"] > 0 and noised["benign"] == 0, noised
+
+
 def test_exported_adapter_and_merged_model_reproduce_the_trained_module(tmp_path, monkeypatch):
     import peft.utils.save_and_load
     from peft import PeftModel

@@ -44,13 +44,16 @@ CALIBRATION_KEY = "lit_safety_calibration"
 STATE_KEY = "lit_safety_training_state"
 
 
-def noisy_embeddings(module: torch.nn.Module, embeddings: Tensor, scale: float) -> Tensor:
+def noisy_embeddings(module: torch.nn.Module, embeddings: Tensor, scale: float, rows: Tensor | None = None) -> Tensor:
     """``embeddings`` [B, T, D] with each token moved by ``scale`` times its own norm in a uniformly
-    random direction, when ``module`` is in training mode (else unchanged)."""
+    random direction, when ``module`` is in training mode (else unchanged); ``rows`` [B] (bool), if
+    given, picks the rows that move."""
     if not module.training:
         return embeddings
     direction = torch.randn_like(embeddings)
     direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    if rows is not None:
+        direction = direction * rows.to(direction.device, direction.dtype)[:, None, None]
     return embeddings + scale * embeddings.detach().norm(dim=-1, keepdim=True) * direction
 
 
@@ -69,12 +72,13 @@ class SafetyModule(L.LightningModule):
         dtype: dtype of the base weights ("bfloat16" halves memory at 8B scale).
         quantization: "4bit" (NF4, QLoRA) or "8bit" base weights through bitsandbytes.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
-        embedding_noise: in training forward passes, every token embedding moves by this fraction of
-            its own L2 norm in a uniformly random direction, drawn anew each pass (0: off). Like
-            dropout it acts only in training mode: the reference, validation and evaluation see the
-            tokens as they are. A refusal learned on noisy tokens must hold for a neighbourhood of
-            each training word, and so can reach nearby words it never saw (held-out synonyms).
-            It acts within ``training_step`` only.
+        embedding_noise: in the training passes over harmful requests, every token embedding moves
+            by this fraction of its own L2 norm in a uniformly random direction, drawn anew each pass
+            (0: off). A refusal learned on noisy tokens must hold for a neighbourhood of each training
+            word, and so can reach nearby words it never saw (held-out synonyms); benign (retain)
+            passes stay clean, since noise there teaches the model to answer blurred tasks and costs
+            capability. Like dropout it acts only in training mode: the reference, the inner adversaries
+            and miners, validation and evaluation see the tokens as they are.
         optimizer: optimizer of the LoRA parameters.
         scheduler: learning-rate scheduler, stepped once per optimizer step.
     """
@@ -238,19 +242,19 @@ class SafetyModule(L.LightningModule):
             self.log(f"{stage}/{name}", value.detach().float(), batch_size=size, prog_bar=name == "loss",
                      sync_dist=stage != "train")
 
-    def embedding_noise(self):
-        """Context in which training-mode passes see ``embedding_noise`` on their token embeddings.
-        The hook lives only within a training step: a copy of the model made for evaluation (the
-        tampering attack fine-tunes one in training mode) must not carry it."""
+    def embedding_noise(self, rows: Tensor | None = None):
+        """Context for a method's passes over harmful requests: in training mode they see
+        ``embedding_noise`` on their token embeddings (``rows``: only those rows of a joint pass).
+        The hook lives only within the block: a copy of the model made for evaluation (the tampering
+        attack fine-tunes one in training mode) must not carry it."""
         if not self.hparams.embedding_noise:
             return contextlib.nullcontext()
         embeddings = self.model.get_input_embeddings()
-        return edit_output(embeddings, lambda h: noisy_embeddings(embeddings, h, self.hparams.embedding_noise))
+        return edit_output(embeddings, lambda h: noisy_embeddings(embeddings, h, self.hparams.embedding_noise, rows))
 
     def training_step(self, batch: SafetyBatch, batch_idx: int) -> Tensor:
         check_batch(batch, self.stream_fields, type(self).__name__)
-        with self.embedding_noise():
-            terms = self.compute_losses(batch)
+        terms = self.compute_losses(batch)
         self._log_terms("train", terms, batch)
         return terms["loss"]
 

@@ -74,7 +74,9 @@ class CircuitBreakerModule(SafetyModule):
         # Both streams in one forward per view, stopped after the deepest layer (no logits).
         with self.reference():
             (ref_b, _), (ref_h, _) = joint_forward_states(self.model, [benign, harmful], layers)
-        (new_b, _), (new_h, _) = joint_forward_states(self.model, [benign, harmful], layers)
+        noised = torch.arange(len(benign["input_ids"]) + len(harmful["input_ids"])) >= len(benign["input_ids"])
+        with self.embedding_noise(rows=noised):  # the harmful rows of the joint pass
+            (new_b, _), (new_h, _) = joint_forward_states(self.model, [benign, harmful], layers)
         retain = torch.stack([retain_loss(new_b[i], ref_b[i], benign["attention_mask"]) for i in layers]).mean()
         reroute = torch.stack([reroute_loss(new_h[i], ref_h[i], harmful["attention_mask"]) for i in layers]).mean()
         c_retain, c_cb = self.coefficients()

@@ -143,7 +143,7 @@ class RefusalFeatureATModule(SafetyModule):
             rows = draws < hp.ablation_probability
         rows = rows.to(refusal["input_ids"].device)
         directions = {k: v.to(refusal["input_ids"].device) for k, v in (self.directions or {}).items()}
-        with refusal_features_ablated(self.model, directions, rows):
+        with refusal_features_ablated(self.model, directions, rows), self.embedding_noise():
             logits = self.model(input_ids=refusal["input_ids"], attention_mask=refusal["attention_mask"]).logits
         loss_refusal = toward(logits, refusal["input_ids"], refusal["completion_mask"])
         benign_logits = self.model(input_ids=benign["input_ids"], attention_mask=benign["attention_mask"]).logits

@@ -32,7 +32,8 @@ class RefusalSFTModule(SafetyModule):
         return toward(logits, sequences["input_ids"], sequences["completion_mask"])
 
     def compute_losses(self, batch: dict) -> dict[str, Tensor]:
-        refusal = self._sft(batch["harmful"]["refusal"])
+        with self.embedding_noise():
+            refusal = self._sft(batch["harmful"]["refusal"])
         benign = self._sft(batch["benign"]["completion"])
         return {
             "loss": self.refusal_weight * refusal + self.benign_weight * benign,

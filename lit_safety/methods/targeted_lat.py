@@ -190,7 +190,8 @@ class TargetedLATModule(SafetyModule):
                     out["adversary/loss_first"] = torch.tensor(finite(losses)[0])
                     out["adversary/loss_last"] = torch.tensor(finite(losses)[-1])
             adversary.freeze()
-            out["loss_attacked"] = model_loss()
+            with self.embedding_noise():
+                out["loss_attacked"] = model_loss()
         out["loss_benign"] = self.objective.benign_loss(self, batch["benign"]["completion"])
         out["loss"] = out["loss_attacked"] + self.hparams.benign_weight * out["loss_benign"]
         for site, norm in adversary.norms().items():

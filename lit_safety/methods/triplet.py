@@ -389,7 +389,8 @@ class TripletDefenseModule(SafetyModule):
                 (ref_b, ref_logits), (ref_h, _) = joint_forward_states(self.model, [benign, harmful],
                                                                        sorted(set(layers_b) | set(layers_h)))
         new_b, logits = forward_states(self.model, benign["input_ids"], benign["attention_mask"], layers_b, use_kl)
-        new_h = self._harmful_states(harmful, sorted(set(layers_b) | set(layers_h)))
+        with self.embedding_noise():
+            new_h = self._harmful_states(harmful, sorted(set(layers_b) | set(layers_h)))
         mu_h = {layer: global_masked_mean(states, mask_h) for layer, states in new_h.items()}
 
         terms: dict[str, list[Tensor]] = {k: [] for k in
@@ -412,7 +413,8 @@ class TripletDefenseModule(SafetyModule):
                        + hp.kl_weight * out["loss_kl"])
         refusal = {}
         if hp.refusal_weight > 0:
-            refusal["loss_refusal"] = self._refusal_loss(batch["harmful"]["refusal"])
+            with self.embedding_noise():
+                refusal["loss_refusal"] = self._refusal_loss(batch["harmful"]["refusal"])
             out["loss"] = out["loss"] + hp.refusal_weight * refusal["loss_refusal"]
         return {
             "loss": out["loss"], "loss_benign": out["loss_benign"], "loss_harmful": out["loss_harmful"],
