@@ -25,18 +25,22 @@ from benchmarks.common import ROOT, atomic_write
 from benchmarks.organism_table import evaluate_method
 
 HARMFUL = ("train", "heldout_synonym", "heldout_concept")
-SPLITS = {**{s: [f"organism:eval_{s}"] for s in HARMFUL}, **{f: [f"organism:eval_benign_{f.lower()}"] for f in "ABC"}}
+SPLITS = {**{s: [f"organism:eval_{s}"] for s in HARMFUL}, **{f: [f"organism:eval_benign_{f.lower()}"] for f in "ABC"},
+          "borderline": ["organism:eval_borderline"]}  # a refusal that spreads must not reach "detect poison"
 BUDGETS = ("300", "1000")
 
 
 def row(result: dict) -> dict:
     """What the screen reports of one run: ASR per attack and split (with Wilson intervals), the
-    embedding attack at each of BUDGETS steps, benign accuracy per format and the training time."""
+    embedding attack at each of BUDGETS steps, benign accuracy per format, borderline accuracy and
+    over-refusal, and the training time."""
     curves = result["curves"]["embedding"]
     return {"asr": {attack: {s: splits[s] for s in HARMFUL if s in splits} for attack, splits in result["asr"].items()},
             "embedding": {s: {b: curves[s][b]["rate"] for b in BUDGETS if b in curves[s]}  # absent: stopped short
                           for s in HARMFUL},
             "benign_accuracy": {f: result["benign_accuracy"][f] for f in "ABC"},
+            "borderline": {"accuracy": result["benign_accuracy"]["borderline"],
+                           "over_refusal": result["over_refusal"]["borderline"]},
             "train_seconds": result["train_seconds"],
             "organism_build": (result.get("base_model") or {}).get("sha256")}
 
@@ -48,12 +52,14 @@ def markdown(rows: dict, n: int) -> str:
             "worst = over these attacks only.\n\n"
             "| setting | direct: train / syn. / concept | embedding @300 / @1000: train | syn. | concept "
             "| 20 vectors @500: syn. / concept | latent: syn. / concept | worst: syn. / concept "
-            "| benign chat / raw / system turn | train s |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "| benign chat / raw / system turn | borderline: accuracy / refused | train s |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for name, r in rows.items():
         a, e, benign = r["asr"], r["embedding"], r["benign_accuracy"]
         seconds = "—" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
+        borderline = " / ".join(f"{r['borderline'][k]:.2f}" for k in ("accuracy", "over_refusal")) \
+            if "borderline" in r else "— / —"
         rate = lambda attack, s: f"{a[attack][s]['rate']:.2f}" if s in a.get(attack, {}) else "—"  # noqa: E731
         curve = lambda s: " / ".join(f"{e[s][b]:.2f}" if b in e[s] else "—" for b in BUDGETS)  # noqa: E731
         lines.append(f"| {name} | {' / '.join(rate('direct', s) for s in HARMFUL)} | {curve('train')} | "
@@ -61,7 +67,7 @@ def markdown(rows: dict, n: int) -> str:
                      f"{rate('embedding_20', 'heldout_synonym')} / {rate('embedding_20', 'heldout_concept')} | "
                      f"{rate('latent', 'heldout_synonym')} / {rate('latent', 'heldout_concept')} | "
                      f"{rate('worst_case', 'heldout_synonym')} / {rate('worst_case', 'heldout_concept')} | "
-                     f"{' / '.join(f'{benign[f]:.2f}' for f in 'ABC')} | {seconds} |")
+                     f"{' / '.join(f'{benign[f]:.2f}' for f in 'ABC')} | {borderline} | {seconds} |")
     settings = "\n".join(f"- {name}: `{' '.join([r['config'], *r['overrides']])}`"
                          + (f" (organism build {r['organism_build'][:12]})" if r.get("organism_build") else "")
                          for name, r in rows.items())

@@ -220,8 +220,14 @@ def test_screen_adds_a_settings_row_and_keeps_the_others(tmp_path, quick_suite):
     assert set(row["asr"]["embedding"]) == {"train", "heldout_synonym", "heldout_concept"}
     assert set(row["asr"]["embedding_20"]) == {"heldout_synonym", "heldout_concept"}  # the suite's attack_splits
     assert set(row["benign_accuracy"]) == {"A", "B", "C"} and row["train_seconds"] > 0
+    assert set(row["borderline"]) == {"accuracy", "over_refusal"}
+    assert all(0.0 <= v <= 1.0 for v in row["borderline"].values())
     text = (tmp_path / "screens.md").read_text()
     assert "| sft | 0.25 / — / — | — / — |" in text and "| sft_kl |" in text and "--model.refusal_weight=0.5" in text
+    earlier_line = next(line for line in text.splitlines() if line.startswith("| sft |"))
+    assert "| 0.50 / 0.50 / 0.50 | — / — | — |" in earlier_line  # screened before borderline was
+    kl_line = next(line for line in text.splitlines() if line.startswith("| sft_kl |"))
+    assert f"| {row['borderline']['accuracy']:.2f} / {row['borderline']['over_refusal']:.2f} |" in kl_line
     with open(os.path.join(model_dir(), "lit_safety_complete.json")) as f:
         build = json.load(f)["sha256"]
     assert row["organism_build"] == build and f"(organism build {build[:12]})" in text
