@@ -68,8 +68,12 @@ def markdown(rows: dict, n: int) -> str:
                      f"{rate('latent', 'heldout_synonym')} / {rate('latent', 'heldout_concept')} | "
                      f"{rate('worst_case', 'heldout_synonym')} / {rate('worst_case', 'heldout_concept')} | "
                      f"{' / '.join(f'{benign[f]:.2f}' for f in 'ABC')} | {borderline} | {seconds} |")
-    settings = "\n".join(f"- {name}: `{' '.join([r['config'], *r['overrides']])}`"
-                         + (f" (organism build {r['organism_build'][:12]})" if r.get("organism_build") else "")
+    def provenance(r: dict) -> str:
+        parts = ([f"seed {r['seed']}"] if r.get("seed") else []) + \
+                ([f"organism build {r['organism_build'][:12]}"] if r.get("organism_build") else [])
+        return f" ({', '.join(parts)})" if parts else ""
+
+    settings = "\n".join(f"- {name}: `{' '.join([r['config'], *r['overrides']])}`{provenance(r)}"
                          for name, r in rows.items())
     return head + "\n".join(lines) + "\n\nSettings:\n" + settings + "\n"
 

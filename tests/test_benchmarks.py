@@ -209,7 +209,7 @@ def test_screen_adds_a_settings_row_and_keeps_the_others(tmp_path, quick_suite):
     # A row screened earlier, before the 20-vector attack and the build were recorded: it stays as it was.
     earlier = {"asr": {"direct": {"train": {"rate": 0.25}}}, "embedding": {s: {} for s in screen.HARMFUL},
                "benign_accuracy": {f: 0.5 for f in "ABC"}, "train_seconds": None, "config": "configs/refusal_sft.yaml",
-               "overrides": [], "seed": 0}
+               "overrides": [], "seed": 1}
     (tmp_path / "screens.json").write_text(json.dumps({"n": 2, "settings": {"sft": earlier}}))
     screen.main(["--n", "2", "--out", str(tmp_path), "--work", str(tmp_path / "work"), "--evaluation", quick_suite,
                  "sft_kl", "configs/refusal_sft.yaml", "--trainer.max_steps=2", "--model.refusal_weight=0.5"])
@@ -224,6 +224,7 @@ def test_screen_adds_a_settings_row_and_keeps_the_others(tmp_path, quick_suite):
     assert all(0.0 <= v <= 1.0 for v in row["borderline"].values())
     text = (tmp_path / "screens.md").read_text()
     assert "| sft | 0.25 / — / — | — / — |" in text and "| sft_kl |" in text and "--model.refusal_weight=0.5" in text
+    assert "- sft: `configs/refusal_sft.yaml` (seed 1)\n" in text  # seed 0, the default, goes unsaid
     earlier_line = next(line for line in text.splitlines() if line.startswith("| sft |"))
     assert "| 0.50 / 0.50 / 0.50 | — / — | — |" in earlier_line  # screened before borderline was
     kl_line = next(line for line in text.splitlines() if line.startswith("| sft_kl |"))
