@@ -45,6 +45,13 @@ def row(result: dict) -> dict:
             "organism_build": (result.get("base_model") or {}).get("sha256")}
 
 
+def _provenance(r: dict) -> str:
+    """A row's seed (0, the default, unsaid) and organism build, for its settings line."""
+    parts = ([f"seed {r['seed']}"] if r.get("seed") else []) + \
+            ([f"organism build {r['organism_build'][:12]}"] if r.get("organism_build") else [])
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def markdown(rows: dict, n: int) -> str:
     head = (f"Screens (benchmarks/screen.py): one seed, {n} behaviours per split, exact judge; embedding = the "
             "suite's attack (10 vectors toward the whole answer; 20 vectors: the same at 20, one start, on the "
@@ -68,12 +75,7 @@ def markdown(rows: dict, n: int) -> str:
                      f"{rate('latent', 'heldout_synonym')} / {rate('latent', 'heldout_concept')} | "
                      f"{rate('worst_case', 'heldout_synonym')} / {rate('worst_case', 'heldout_concept')} | "
                      f"{' / '.join(f'{benign[f]:.2f}' for f in 'ABC')} | {borderline} | {seconds} |")
-    def provenance(r: dict) -> str:
-        parts = ([f"seed {r['seed']}"] if r.get("seed") else []) + \
-                ([f"organism build {r['organism_build'][:12]}"] if r.get("organism_build") else [])
-        return f" ({', '.join(parts)})" if parts else ""
-
-    settings = "\n".join(f"- {name}: `{' '.join([r['config'], *r['overrides']])}`{provenance(r)}"
+    settings = "\n".join(f"- {name}: `{' '.join([r['config'], *r['overrides']])}`{_provenance(r)}"
                          for name, r in rows.items())
     return head + "\n".join(lines) + "\n\nSettings:\n" + settings + "\n"
 
