@@ -126,6 +126,43 @@ def test_embedding_noise_reaches_the_passes_over_harmful_requests_only(name):
     assert noised["harmful"] > 0 and noised["benign"] == 0, noised
 
 
+def _noised_passes(module) -> int:
+    """Forward passes in one training step whose first decoder layer received moved embeddings."""
+    module.configure_model()
+    noised = []
+
+    def decoder_input(_module, args, kw):
+        received = args[0] if args else kw["hidden_states"]
+        noised.append(not torch.allclose(clean[-1], received))
+
+    clean = []
+    hooks = [module.model.get_input_embeddings().register_forward_hook(
+                 lambda _module, args, out: clean.append(out.detach().clone())),
+             backbone.decoder_layers(module.model)[0].register_forward_pre_hook(decoder_input, with_kwargs=True)]
+    fit(module, steps=1)
+    for hook in hooks:
+        hook.remove()
+    return sum(noised)
+
+
+@pytest.mark.parametrize("name", ["triplet_mining", "lat_rmu"])
+def test_noisy_adversaries_optimise_under_the_noise(name):
+    cls, kwargs = METHODS[name]  # adversaries after a decoder layer: only the noise moves layer 0's input
+    torch.manual_seed(0)
+    clean_adversary = _noised_passes(cls(**kwargs, embedding_noise=0.5))
+    torch.manual_seed(0)
+    noisy_adversary = _noised_passes(cls(**kwargs, embedding_noise=0.5, noisy_adversaries=True))
+    steps = kwargs.get("mining_steps") or kwargs["adversary"].steps
+    assert clean_adversary > 0 and noisy_adversary >= clean_adversary + steps, (clean_adversary, noisy_adversary)
+
+    with pytest.raises(ValueError, match="noisy_adversaries: .*embedding_noise"):
+        cls(**kwargs, noisy_adversaries=True)
+    with pytest.raises(ValueError, match="noisy_adversaries: RefusalSFTModule has no inner adversary"):
+        RefusalSFTModule(embedding_noise=0.5, noisy_adversaries=True)
+    with pytest.raises(ValueError, match="noisy_adversaries: .*mining: true"):
+        TripletDefenseModule(embedding_noise=0.5, noisy_adversaries=True)
+
+
 def test_exported_adapter_and_merged_model_reproduce_the_trained_module(tmp_path, monkeypatch):
     import peft.utils.save_and_load
     from peft import PeftModel

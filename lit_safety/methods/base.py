@@ -78,7 +78,12 @@ class SafetyModule(L.LightningModule):
             word, and so can reach nearby words it never saw (held-out synonyms); benign (retain)
             passes stay clean, since noise there teaches the model to answer blurred tasks and costs
             capability. Like dropout it acts only in training mode: the reference, the inner adversaries
-            and miners, validation and evaluation see the tokens as they are.
+            and miners, validation and evaluation see the tokens as they are (but see
+            ``noisy_adversaries``).
+        noisy_adversaries: the method's inner adversaries (the triplet's miners, LAT's adversary)
+            optimise under ``embedding_noise`` too, each of their steps a fresh draw: the perturbation
+            they return then breaks the refusal across the neighbourhood of each request the model
+            learns on under noise, instead of at the clean request beside it.
         optimizer: optimizer of the LoRA parameters.
         scheduler: learning-rate scheduler, stepped once per optimizer step.
     """
@@ -86,6 +91,8 @@ class SafetyModule(L.LightningModule):
     # stream name -> record fields the method needs in it; checked on the data before training and
     # on every batch (see lit_safety.data.batch).
     stream_fields: dict[str, tuple[str, ...]] = {}
+    # whether the method optimises an adversary inside its training step (see noisy_adversaries)
+    inner_adversaries: bool = False
 
     def __init__(
         self,
@@ -99,6 +106,7 @@ class SafetyModule(L.LightningModule):
         quantization: Quantization | None = None,
         gradient_checkpointing: bool = False,
         embedding_noise: float = 0.0,
+        noisy_adversaries: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
     ):
@@ -107,6 +115,10 @@ class SafetyModule(L.LightningModule):
             raise ValueError(f"lora_rank must be >= 1, got {lora_rank}")
         if embedding_noise < 0:
             raise ValueError(f"embedding_noise must be >= 0, got {embedding_noise}")
+        if noisy_adversaries and not self.inner_adversaries:
+            raise ValueError(f"noisy_adversaries: {type(self).__name__} has no inner adversary to optimise under noise")
+        if noisy_adversaries and not embedding_noise:
+            raise ValueError("noisy_adversaries: the adversaries optimise under embedding_noise, which is 0")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -251,6 +263,11 @@ class SafetyModule(L.LightningModule):
             return contextlib.nullcontext()
         embeddings = self.model.get_input_embeddings()
         return edit_output(embeddings, lambda h: noisy_embeddings(embeddings, h, self.hparams.embedding_noise, rows))
+
+    def adversary_noise(self):
+        """Context for the inner adversaries' optimisation: ``embedding_noise`` if
+        ``noisy_adversaries``, else clean tokens."""
+        return self.embedding_noise() if self.hparams.noisy_adversaries else contextlib.nullcontext()
 
     def training_step(self, batch: SafetyBatch, batch_idx: int) -> Tensor:
         check_batch(batch, self.stream_fields, type(self).__name__)

@@ -94,6 +94,8 @@ class TargetedLATModule(SafetyModule):
         **kwargs: model, LoRA and optimiser settings of ``SafetyModule``.
     """
 
+    inner_adversaries = True
+
     def __init__(self, objective: LATObjective | None = None, adversary: LATAdversary | None = None,
                  benign_weight: float = 1.0, **kwargs):
         super().__init__(**kwargs)
@@ -181,7 +183,7 @@ class TargetedLATModule(SafetyModule):
                 # batch mean's gradient does not shrink with it (Adam's epsilon would then make the
                 # step depend on the number of examples per process).
                 examples = adversary.rows
-                with self.adapters_frozen():
+                with self.adapters_frozen(), self.adversary_noise():  # as the attacked pass below
                     losses = adversary.optimise(lambda: examples * adversary_loss(), self.adversary.steps,
                                                 self.adversary.lr)
                 losses = [loss / examples for loss in losses]

@@ -109,6 +109,8 @@ class TripletDefenseModule(SafetyModule):
         **kwargs: model, LoRA and optimiser settings of ``SafetyModule``.
     """
 
+    inner_adversaries = True  # the miners
+
     def __init__(
         self,
         layers_benign: list[int] = [2, 3],  # noqa: B006 - jsonargparse needs a literal default
@@ -173,6 +175,9 @@ class TripletDefenseModule(SafetyModule):
             raise ValueError("mining_layers: with mining_together the latent miner acts after decoder layers (the "
                              f"suffix miner owns the embeddings), got {mining_layers}")
         check_slot_counts(mining_suffix_length, "mining_suffix_length")
+        if self.hparams.noisy_adversaries and not (mining and mining_steps):
+            raise ValueError("noisy_adversaries: the triplet's adversaries are its miners; set mining: true and "
+                             "mining_steps > 0")
         self.rng = random.Random(mining_seed)
         self.miner: ResidualAttack | None = None  # not a parameter: checkpointed by training_state
         self.latent: LatentAdversary | None = None  # this step's latent perturbation (belongs to its batch)
@@ -254,7 +259,7 @@ class TripletDefenseModule(SafetyModule):
         miner = ResidualAttack.for_model(self.model, layer)
 
         def harmful_nll() -> Tensor:
-            with miner.attached(self.model):
+            with self.adversary_noise(), miner.attached(self.model):
                 return toward(*completion_window(self.model, harmful))
 
         losses = miner.train(harmful_nll, hp.mining_steps, hp.mining_lr)
@@ -297,7 +302,8 @@ class TripletDefenseModule(SafetyModule):
         radii = {site: self.epsilons[miner] * float(self.calibration[f"site_norm/{site}"])
                  for miner, site in sites.items()}
         adversary = LatentAdversary(self.model, list(sites.values()), masks, radii)
-        with adversary.attached(), self.adapters_frozen():
+        # The noise enters before the perturbation, as in the training pass (see _harmful_states).
+        with self.adversary_noise(), adversary.attached(), self.adapters_frozen():
             # Scaled by the examples, as LAT's: each example's perturbation follows its own loss.
             losses = adversary.optimise(lambda: rows * toward(*completion_window(self.model, mined)), hp.mining_steps,
                                         hp.mining_lr)
