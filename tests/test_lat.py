@@ -104,6 +104,34 @@ def test_unknown_attack_site_is_a_clear_error():
         module.configure_model()
 
 
+def test_kl_retain_term_is_zero_at_the_reference_and_the_benign_completions_kl_once_moved(batch):
+    module = calibrated(TargetedLATModule(adversary=LATAdversary(layers=[0], steps=1), kl_weight=2.0,
+                                          temperature=1.5), batch)
+    module.train()
+    terms = module.compute_losses(batch)
+    assert terms["loss_kl"] == 0  # fresh adapters: the model is its reference
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    terms = module.compute_losses(batch)
+    benign = batch["benign"]["completion"]
+    logits = module.model(input_ids=benign["input_ids"], attention_mask=benign["attention_mask"]).logits
+    with module.reference():
+        reference = module.model(input_ids=benign["input_ids"], attention_mask=benign["attention_mask"]).logits
+    log_p_ref, log_p = (torch.log_softmax(z[:, :-1] / 1.5, -1) for z in (reference, logits))
+    per_token = (log_p_ref.exp() * (log_p_ref - log_p)).sum(-1)[benign["completion_mask"][:, 1:]]
+    assert terms["loss_kl"] > 0
+    torch.testing.assert_close(terms["loss_kl"], 1.5**2 * per_token.mean())
+    torch.testing.assert_close(terms["loss"], terms["loss_attacked"] + terms["loss_benign"] + 2.0 * terms["loss_kl"])
+
+
+@pytest.mark.parametrize("bad", [{"kl_weight": -1.0}, {"temperature": 0.0}, {"benign_weight": -0.5}])
+def test_negative_retain_weights_or_temperature_are_refused(bad):
+    with pytest.raises(ValueError, match="benign_weight and kl_weight must be >= 0 and temperature > 0"):
+        TargetedLATModule(**bad)
+
+
 @pytest.mark.parametrize("model_toward", [0.0, 0.5])
 def test_dpo_objective_is_dpo_plus_toward_refusal(batch, model_toward):
     # Without an adversary step the attacked loss is the model's DPO loss against the adapters-off

@@ -32,8 +32,10 @@ from lit_safety.adversaries import (
 from lit_safety.backbone import BackboneError
 from lit_safety.data.batch import SafetyBatch
 from lit_safety.distributed import leading_rows
+from lit_safety.losses import kl_divergence
 from lit_safety.methods.base import SafetyModule
 from lit_safety.methods.lat_objectives import LATObjective, Refusal
+from lit_safety.representations import completion_window
 
 
 @dataclass
@@ -91,17 +93,22 @@ class TargetedLATModule(SafetyModule):
             ``RMU`` or ``GradientAscent`` (unlearning), from ``lit_safety.methods.lat_objectives``.
         adversary: the training adversary's sites, budget and positions.
         benign_weight: weight of the benign (retain) term, computed with the adversary off.
+        kl_weight: weight of T^2 KL(reference || model) on the benign completions, adversary off (0:
+            the retain term alone). SFT on the benign answers holds what they say; the KL holds the
+            reference's whole distribution over them, as the triplet defense's distillation term.
+        temperature: KL temperature T.
         **kwargs: model, LoRA and optimiser settings of ``SafetyModule``.
     """
 
     inner_adversaries = True
 
     def __init__(self, objective: LATObjective | None = None, adversary: LATAdversary | None = None,
-                 benign_weight: float = 1.0, **kwargs):
+                 benign_weight: float = 1.0, kl_weight: float = 0.0, temperature: float = 2.0, **kwargs):
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        if benign_weight < 0:
-            raise ValueError(f"benign_weight must be >= 0, got {benign_weight}")
+        if min(benign_weight, kl_weight) < 0 or temperature <= 0:
+            raise ValueError(f"benign_weight and kl_weight must be >= 0 and temperature > 0, got {benign_weight}, "
+                             f"{kl_weight}, {temperature}")
         self.objective = objective if objective is not None else Refusal()
         self.adversary = adversary if adversary is not None else LATAdversary()
 
@@ -169,6 +176,12 @@ class TargetedLATModule(SafetyModule):
                 mask = mask | _pad_to(refusal["attention_mask"], length)
         return mask if self.adversary.tokens is None else sample_positions(mask, self.adversary.tokens)
 
+    def _benign_kl(self, benign) -> Tensor:
+        window = completion_window(self.model, benign)
+        with self.reference():
+            reference = completion_window(self.model, benign).logits
+        return kl_divergence(reference, window.logits, window.completion_mask, self.hparams.temperature)
+
     def compute_losses(self, batch: SafetyBatch) -> dict[str, Tensor]:
         slots = None
         if self.training and self.adversary.positions == "suffix":  # validation sees the requests as they are
@@ -194,8 +207,12 @@ class TargetedLATModule(SafetyModule):
             adversary.freeze()
             with self.embedding_noise():
                 out["loss_attacked"] = model_loss()
-        out["loss_benign"] = self.objective.benign_loss(self, batch["benign"]["completion"])
-        out["loss"] = out["loss_attacked"] + self.hparams.benign_weight * out["loss_benign"]
+        benign, hp = batch["benign"]["completion"], self.hparams
+        out["loss_benign"] = self.objective.benign_loss(self, benign)
+        out["loss"] = out["loss_attacked"] + hp.benign_weight * out["loss_benign"]
+        if hp.kl_weight > 0:
+            out["loss_kl"] = self._benign_kl(benign)
+            out["loss"] = out["loss"] + hp.kl_weight * out["loss_kl"]
         for site, norm in adversary.norms().items():
             out[f"adversary/norm_{site}"] = norm
         return out
