@@ -56,10 +56,11 @@ def resolve_model(name: str) -> tuple[str, dict]:
 def model_identity(name: str) -> dict:
     """``name`` and, for a model this library built (the organism), the checksum of its weights: one
     recipe built on two machines can be two organisms, so a figure names the one it was measured on."""
-    from lit_safety.cache import checksum
+    from lit_safety.cache import checksum, weights_checksum
 
     path, _ = resolve_model(name)
-    return {"name": name, "sha256": checksum(path) if os.path.isdir(path) else None}
+    built = os.path.isdir(path) and checksum(path) is not None
+    return {"name": name, "sha256": weights_checksum(path) if built else None}
 
 
 def num_decoder_layers(name: str) -> int | None:

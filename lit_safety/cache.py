@@ -48,6 +48,28 @@ def checksum(path: str) -> str | None:
         return None
 
 
+def weights_checksum(path: str) -> str | None:
+    """sha256 of the tensors in ``path``'s ``*.safetensors`` files (each tensor's name, dtype, shape and
+    bytes, by name): what a model computes, not how it was saved. The files' own checksum (``checksum``)
+    also covers the library versions written into config.json, so one set of weights saved under two
+    versions of transformers would be two builds. None if ``path`` holds no safetensors."""
+    tensors: dict[str, tuple[dict, bytes]] = {}
+    for name in sorted(n for n in os.listdir(path) if n.endswith(".safetensors")):
+        with open(os.path.join(path, name), "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            data = f.read()
+        for tensor, spec in header.items():
+            if tensor != "__metadata__":
+                start, end = spec["data_offsets"]
+                tensors[tensor] = ({"dtype": spec["dtype"], "shape": spec["shape"]}, data[start:end])
+    if not tensors:
+        return None
+    sha = hashlib.sha256()
+    for tensor, (spec, data) in sorted(tensors.items()):
+        sha.update(json.dumps([tensor, spec]).encode() + data)
+    return sha.hexdigest()
+
+
 def staging(final: str) -> str:
     """A fresh, empty directory beside ``final`` to write an artefact into before ``publish``."""
     tmp = f"{final}.partial-{os.getpid()}"

@@ -4,11 +4,11 @@ meaningless here, the plumbing from `fit` and `test` to the result files is what
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 from benchmarks import organism_table, smollm2
+from lit_safety.cache import weights_checksum
 from lit_safety.organism import model_dir
 
 
@@ -22,8 +22,7 @@ def test_organism_table_runs_on_the_tiny_organism(tmp_path, quick_suite):
     assert table["methods"]["refusal_sft"]["asr"]["prefill"]["train"]["n"] == 2
     text = (out / "organism_table.md").read_text()
     assert "| refusal_sft |" in text and "**worst_case**" in text and "ASR by budget" in text
-    with open(os.path.join(model_dir(), "lit_safety_complete.json")) as f:  # the build every row was measured on
-        build = json.load(f)["sha256"][:12]
+    build = weights_checksum(model_dir())[:12]  # the build every row was measured on
     assert all(row["organism_builds"] == [build] for row in table["methods"].values()) and build in text
     assert (out / "organism_table.png").stat().st_size > 0
     assert (out / "organism_curves.png").stat().st_size > 0
@@ -229,8 +228,7 @@ def test_screen_adds_a_settings_row_and_keeps_the_others(tmp_path, quick_suite):
     assert "| 0.50 / 0.50 / 0.50 | — / — | — |" in earlier_line  # screened before borderline was
     kl_line = next(line for line in text.splitlines() if line.startswith("| sft_kl |"))
     assert f"| {row['borderline']['accuracy']:.2f} / {row['borderline']['over_refusal']:.2f} |" in kl_line
-    with open(os.path.join(model_dir(), "lit_safety_complete.json")) as f:
-        build = json.load(f)["sha256"]
+    build = weights_checksum(model_dir())
     assert row["organism_build"] == build and f"(organism build {build[:12]})" in text
 
 
@@ -244,8 +242,7 @@ def test_harm_probe_reports_each_splits_share_per_layer(tmp_path):
     for shares in layers.values():
         assert set(shares) == set(harm_probe.SPLITS) and all(0.0 <= v <= 1.0 for v in shares.values())
     assert "| base | 1 |" in (tmp_path / "harm_probe.md").read_text()
-    with open(os.path.join(model_dir(), "lit_safety_complete.json")) as f:
-        assert saved["organism_build"] == json.load(f)["sha256"]
+    assert saved["organism_build"] == weights_checksum(model_dir())
     harm_probe.main(["--n", "8", "--position", "object", "--out", str(tmp_path)])
     at_object = json.loads((tmp_path / "harm_probe_object.json").read_text())
     assert at_object["position"] == "object" and list(at_object["models"]["base"]) == ["0", "1"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lit_safety import backbone
+from lit_safety.cache import weights_checksum
 from lit_safety.data import ChatFormatter, load_records
 from lit_safety.data.records import Record
 from lit_safety.evaluation import (
@@ -195,8 +196,8 @@ evaluation:
     assert set(results["attack_seconds"]) == {"direct", "latent", "latent_1"} and results["attack_seconds"]["latent"] > 0
     assert os.path.getsize(os.path.join(log_dir, "eval_results.png")) > 0
     assert os.path.isfile(os.path.join(log_dir, "eval_results.md"))
-    with open(os.path.join(model_dir(), "lit_safety_complete.json")) as f:  # the organism build measured
-        assert results["base_model"] == {"name": "organism", "sha256": json.load(f)["sha256"]}
+    # the organism build measured
+    assert results["base_model"] == {"name": "organism", "sha256": weights_checksum(model_dir())}
 
 
 @pytest.mark.parametrize("attacks, message", [

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lit_safety import backbone
-from lit_safety.cache import is_complete
+from lit_safety.cache import checksum, is_complete, weights_checksum
 from lit_safety.data import load_records
 from lit_safety.data.records import DataError, Record
 from lit_safety.evaluation.judges import ExactJudge
@@ -115,6 +115,24 @@ def test_build_does_not_depend_on_the_callers_thread_count(home, monkeypatch):
         assert torch.get_num_threads() == threads, "the build must leave the caller's thread count as it was"
     torch.set_num_threads(1)
     assert digests[0] == digests[1]
+
+
+def test_a_build_is_named_by_its_weights_not_by_the_library_versions_that_saved_them(home, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = build("aligned")
+    identity = backbone.model_identity("organism")["sha256"]
+    assert identity == weights_checksum(path) != checksum(path)
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    resaved = tmp_path / "resaved"
+    resaved.mkdir()
+    # Another writer: other metadata, tensors in another order; config.json from another transformers.
+    save_file(dict(reversed(list(tensors.items()))), str(resaved / "model.safetensors"), metadata={"by": "other"})
+    assert weights_checksum(str(resaved)) == identity
+    first = next(iter(tensors))
+    save_file({**tensors, first: tensors[first] + 1e-6}, str(resaved / "model.safetensors"))
+    assert weights_checksum(str(resaved)) != identity
+    assert backbone.model_identity(str(resaved))["sha256"] is None  # not built here: no build to name
 
 
 def test_corrupt_or_partial_cache_is_rebuilt(home):
