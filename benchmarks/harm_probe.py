@@ -27,6 +27,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import ROOT, atomic_write
+from lit_safety.backbone import BackboneError
 from lit_safety.cache import weights_checksum
 from lit_safety.organism import model_dir
 
@@ -94,7 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args(argv)
     models = dict(spec.split("=", 1) for spec in args.model or ["base=organism"])
-    results = {name: probe(spec, args.n, args.position) for name, spec in models.items()}
+    try:
+        results = {name: probe(spec, args.n, args.position) for name, spec in models.items()}
+    except BackboneError as e:
+        parser.error(f"--model: {e}")
     build = weights_checksum(model_dir())  # the organism whose prompts (and, by default, base) are probed
     stem = "harm_probe" if args.position == "last" else "harm_probe_object"
     atomic_write(os.path.join(args.out, f"{stem}.json"),

@@ -232,7 +232,7 @@ def test_screen_adds_a_settings_row_and_keeps_the_others(tmp_path, quick_suite):
     assert row["organism_build"] == build and f"(organism build {build[:12]})" in text
 
 
-def test_harm_probe_reports_each_splits_share_per_layer(tmp_path):
+def test_harm_probe_reports_each_splits_share_per_layer(tmp_path, capsys):
     from benchmarks import harm_probe
 
     harm_probe.main(["--n", "8", "--out", str(tmp_path)])
@@ -244,6 +244,9 @@ def test_harm_probe_reports_each_splits_share_per_layer(tmp_path):
     assert "| base | 1 |" in (tmp_path / "harm_probe.md").read_text()
     assert saved["organism_build"] == weights_checksum(model_dir())
     harm_probe.main(["--n", "8", "--position", "object", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):  # a model that is not there: one line naming it, no traceback
+        harm_probe.main(["--n", "8", "--out", str(tmp_path), "--model", f"gone={tmp_path / 'gone'}"])
+    assert f"--model: model directory not found: {tmp_path / 'gone'}" in capsys.readouterr().err
     at_object = json.loads((tmp_path / "harm_probe_object.json").read_text())
     assert at_object["position"] == "object" and list(at_object["models"]["base"]) == ["0", "1"]
     assert at_object["models"] != saved["models"]  # other states than the last token's
