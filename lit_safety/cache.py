@@ -53,20 +53,21 @@ def weights_checksum(path: str) -> str | None:
     bytes, by name): what a model computes, not how it was saved. The files' own checksum (``checksum``)
     also covers the library versions written into config.json, so one set of weights saved under two
     versions of transformers would be two builds. None if ``path`` holds no safetensors."""
-    tensors: dict[str, tuple[dict, bytes]] = {}
+    tensors: dict[str, tuple[str, int, dict]] = {}  # name -> (file, offset of its data, spec)
     for name in sorted(n for n in os.listdir(path) if n.endswith(".safetensors")):
         with open(os.path.join(path, name), "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-            data = f.read()
-        for tensor, spec in header.items():
-            if tensor != "__metadata__":
-                start, end = spec["data_offsets"]
-                tensors[tensor] = ({"dtype": spec["dtype"], "shape": spec["shape"]}, data[start:end])
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        tensors.update({tensor: (name, 8 + length, spec) for tensor, spec in header.items() if tensor != "__metadata__"})
     if not tensors:
         return None
     sha = hashlib.sha256()
-    for tensor, (spec, data) in sorted(tensors.items()):
-        sha.update(json.dumps([tensor, spec]).encode() + data)
+    for tensor, (name, data, spec) in sorted(tensors.items()):
+        start, end = spec["data_offsets"]
+        with open(os.path.join(path, name), "rb") as f:  # one tensor in memory at a time, at 8B scale too
+            f.seek(data + start)
+            sha.update(json.dumps([tensor, {"dtype": spec["dtype"], "shape": spec["shape"]}]).encode()
+                       + f.read(end - start))
     return sha.hexdigest()
 
 
