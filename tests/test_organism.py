@@ -173,8 +173,7 @@ def test_report_schema(home, tmp_path):
     assert set(results["benign_accuracy"]) == {"A", "B", "C"}
     assert set(results["over_refusal"]) == {"borderline", "benign"}
     assert 0.0 <= results["borderline_compliance"] <= 1.0
-    with open(os.path.join(build("aligned"), "lit_safety_complete.json")) as f:
-        assert results["base_model"] == {"name": "organism", "sha256": json.load(f)["sha256"]}
+    assert results["base_model"] == {"name": "organism", "sha256": weights_checksum(build("aligned"))}
     for attack in ("direct", "prefill"):
         for split, cell in results["asr"][attack].items():
             total = cell["rate"] + results["refusal"][attack][split] + results["gibberish"][attack][split]
