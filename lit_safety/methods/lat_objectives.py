@@ -68,9 +68,10 @@ class LATObjective:
         """(adversary loss, model loss under attack) for one batch."""
         raise NotImplementedError
 
-    def benign_loss(self, module, benign: Sequences) -> Tensor:
-        """The retain term, computed with the adversary off (default: SFT on the benign completions)."""
-        return _toward(module.model, benign)
+    def benign_loss(self, module, benign: Sequences, window: Window | None = None) -> Tensor:
+        """The retain term, computed with the adversary off (default: SFT on the benign completions).
+        ``window``: the model's completion window of ``benign``, if the caller has it already."""
+        return toward(*window) if window is not None else _toward(module.model, benign)
 
 
 class Refusal(LATObjective):
@@ -190,7 +191,7 @@ class RMU(LATObjective):
 
         return adversary, attacked
 
-    def benign_loss(self, module, benign: Sequences) -> Tensor:
+    def benign_loss(self, module, benign: Sequences, window: Window | None = None) -> Tensor:
         with module.reference():
             reference = self._states(module.model, benign)
         return rmu_retain_loss(self._states(module.model, benign), reference, benign["attention_mask"])

@@ -35,7 +35,7 @@ from lit_safety.distributed import leading_rows
 from lit_safety.losses import kl_divergence
 from lit_safety.methods.base import SafetyModule
 from lit_safety.methods.lat_objectives import LATObjective, Refusal
-from lit_safety.representations import completion_window
+from lit_safety.representations import Window, completion_window
 
 
 @dataclass
@@ -176,8 +176,7 @@ class TargetedLATModule(SafetyModule):
                 mask = mask | _pad_to(refusal["attention_mask"], length)
         return mask if self.adversary.tokens is None else sample_positions(mask, self.adversary.tokens)
 
-    def _benign_kl(self, benign) -> Tensor:
-        window = completion_window(self.model, benign)
+    def _benign_kl(self, benign, window: Window) -> Tensor:
         with self.reference():
             reference = completion_window(self.model, benign).logits
         return kl_divergence(reference, window.logits, window.completion_mask, self.hparams.temperature)
@@ -208,10 +207,11 @@ class TargetedLATModule(SafetyModule):
             with self.embedding_noise():
                 out["loss_attacked"] = model_loss()
         benign, hp = batch["benign"]["completion"], self.hparams
-        out["loss_benign"] = self.objective.benign_loss(self, benign)
+        window = completion_window(self.model, benign) if hp.kl_weight > 0 else None  # one forward for both terms
+        out["loss_benign"] = self.objective.benign_loss(self, benign, window)
         out["loss"] = out["loss_attacked"] + hp.benign_weight * out["loss_benign"]
-        if hp.kl_weight > 0:
-            out["loss_kl"] = self._benign_kl(benign)
+        if window is not None:
+            out["loss_kl"] = self._benign_kl(benign, window)
             out["loss"] = out["loss"] + hp.kl_weight * out["loss_kl"]
         for site, norm in adversary.norms().items():
             out[f"adversary/norm_{site}"] = norm
