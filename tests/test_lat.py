@@ -332,3 +332,48 @@ def test_suffix_init_outside_the_vocabulary_is_a_one_line_error():
     module = TargetedLATModule(adversary=LATAdversary(layers=["embedding"], positions="suffix", suffix_init="zzqx"))
     with pytest.raises(ValueError, match="model.adversary.suffix_init: 'zzqx' is not in the tokenizer's vocabulary"):
         module.configure_model()
+
+
+def test_prompt_layers_join_the_suffix_adversary_at_every_prompt_position_with_their_own_radius(batch):
+    module = calibrated(TargetedLATModule(adversary=LATAdversary(
+        layers=["embedding"], epsilon=3.0, steps=6, positions="suffix", suffix_length=3, suffix_init="please",
+        prompt_layers=[1], prompt_epsilon=0.2)), batch)
+    module.train()
+    seen = {}
+    original = LatentAdversary.freeze
+
+    def freeze(adversary):
+        seen["adversary"] = adversary
+        original(adversary)
+
+    LatentAdversary.freeze = freeze
+    try:
+        terms = module.compute_losses(batch)
+    finally:
+        LatentAdversary.freeze = original
+    assert terms["adversary/loss_last"] < terms["adversary/loss_first"]
+    adversary, slotted = seen["adversary"], module._with_slots(batch)[0]["harmful"]["completion"]
+    prompt = torch.nn.functional.pad(slotted["prompt_mask"], (0, adversary.masks[1].shape[1] - slotted["prompt_mask"].shape[1]))
+    slots = adversary.masks["embedding"]
+    assert (slots.sum(-1) == 3).all() and torch.equal(adversary.masks[1], prompt)
+    layer = adversary.delta(1).norm(dim=-1)
+    assert (layer[~prompt] == 0).all() and (layer[prompt & ~slots] > 0).any()  # the request words too
+    assert (layer <= 0.2 * float(module.calibration["site_norm/1"]) * (1 + 1e-5)).all()
+    assert (adversary.delta("embedding").norm(dim=-1)[~slots] == 0).all()
+    assert 0 < terms["adversary/norm_1"] and "adversary/norm_embedding" in terms
+
+
+@pytest.mark.parametrize("adversary, message", [
+    (dict(layers=[0], prompt_layers=[1]), "prompt_layers needs positions: suffix"),
+    (dict(layers=["embedding"], positions="suffix", prompt_layers=[1], prompt_epsilon=0.0), "prompt_epsilon must be > 0"),
+])
+def test_bad_prompt_layers_settings_are_one_line_errors(adversary, message):
+    with pytest.raises(ValueError, match=message):
+        LATAdversary(**adversary)
+
+
+def test_prompt_layers_naming_a_site_of_layers_again_is_a_one_line_error():
+    module = TargetedLATModule(adversary=LATAdversary(layers=["embedding", 1], positions="suffix",
+                                                      prompt_layers=[1 - backbone.num_decoder_layers("organism")]))
+    with pytest.raises(ValueError, match="name one site twice"):
+        module.configure_model()

@@ -58,6 +58,12 @@ class LATAdversary(LatentBudget):
             rewrite a token or two without rewriting the whole request.
         suffix_length: slots of ``positions: suffix``; a list of lengths takes one per step in turn.
         suffix_init: the text whose first token every slot starts as.
+        prompt_layers: with ``positions: suffix``, further sites (not among ``layers``) perturbed at
+            every prompt position, request words and slots, in the same inner loop: the suffix pushes
+            while these perturbations weaken what the model reads of the request, as a held-out
+            phrasing of it might, so the refusal must hold on a fainter harm signal than the training
+            words give.
+        prompt_epsilon: radius of the ``prompt_layers`` perturbations, on ``epsilon_scale``.
     """
 
     layers: list[int | str] = field(default_factory=lambda: [0, 2])
@@ -66,10 +72,27 @@ class LATAdversary(LatentBudget):
     tokens: int | None = None
     suffix_length: int | list[int] = 10
     suffix_init: str = "!"
+    prompt_layers: list[int | str] = field(default_factory=list)
+    prompt_epsilon: float = 0.3
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_slot_counts(self.suffix_length, "adversary suffix_length")
+        if self.prompt_layers and self.positions != "suffix":
+            raise ValueError(f"adversary prompt_layers needs positions: suffix (with {self.positions!r} every "
+                             "site already perturbs the prompt), got prompt_layers={self.prompt_layers}")
+        if self.prompt_epsilon <= 0:
+            raise ValueError(f"adversary prompt_epsilon must be > 0, got {self.prompt_epsilon}")
+
+    @property
+    def sites(self) -> list[int | str]:
+        """Every perturbed site: ``layers``, then ``prompt_layers``."""
+        return [*self.layers, *self.prompt_layers]
+
+    def radii(self, norms: dict) -> dict:
+        scale = {site: float(norms[site]) if self.epsilon_scale == "reference_norm" else 1.0 for site in self.sites}
+        return {**{site: self.epsilon * scale[site] for site in self.layers},
+                **{site: self.prompt_epsilon * scale[site] for site in self.prompt_layers}}
         if self.tokens is not None and self.tokens < 1:
             raise ValueError(f"adversary tokens must be >= 1 (or unset for every position), got {self.tokens}")
 
@@ -122,9 +145,12 @@ class TargetedLATModule(SafetyModule):
 
     def validate_layers(self, num_layers: int) -> None:
         try:
-            attack_sites(self.model, self.adversary.layers)
+            sites = [module for _, module in attack_sites(self.model, self.adversary.sites)]
         except ValueError as e:
             raise BackboneError(f"model.adversary.layers: {e}") from None
+        if len(set(map(id, sites))) < len(sites):
+            raise BackboneError(f"model.adversary: layers {self.adversary.layers} and prompt_layers "
+                                f"{self.adversary.prompt_layers} name one site twice")
         if self.adversary.positions == "suffix":
             self._suffix_slot  # noqa: B018 - an init text outside the vocabulary fails here, before training
         self.objective.validate_layers(self)
@@ -132,7 +158,7 @@ class TargetedLATModule(SafetyModule):
     def calibrate(self, batch: SafetyBatch) -> dict[str, Tensor]:
         harmful = batch["harmful"]["completion"]
         with self.reference():
-            norms = site_norms(self.model, self.adversary.layers, harmful["input_ids"], harmful["attention_mask"],
+            norms = site_norms(self.model, self.adversary.sites, harmful["input_ids"], harmful["attention_mask"],
                                harmful["prompt_mask"], across_ranks=True)
         return {**{f"site_norm/{site}": torch.tensor(norm) for site, norm in norms.items()},
                 **self.objective.calibrate(self, batch)}
@@ -142,7 +168,7 @@ class TargetedLATModule(SafetyModule):
         if self.calibration is None:
             raise RuntimeError("TargetedLATModule is not calibrated: it calibrates at the start of fit, or call "
                                "`module.calibration = module.calibrate(batch)`")
-        return self.adversary.radii({s: self.calibration[f"site_norm/{s}"] for s in self.adversary.layers})
+        return self.adversary.radii({s: self.calibration[f"site_norm/{s}"] for s in self.adversary.sites})
 
     @cached_property
     def _suffix_slot(self) -> tuple[int, int]:
@@ -163,7 +189,7 @@ class TargetedLATModule(SafetyModule):
         return ({**batch, "harmful": {name: s.sequences for name, s in slotted.items()},
                  "benign": {**batch["benign"], "completion": benign}}, slotted["completion"].slots)
 
-    def _adversary_mask(self, batch: SafetyBatch, slots: Tensor | None = None) -> Tensor:
+    def _adversary_mask(self, batch: SafetyBatch, slots: Tensor | None = None) -> Tensor | dict:
         harmful, refusal = batch["harmful"]["completion"], batch["harmful"].get("refusal")
         length = max(harmful["input_ids"].shape[1], refusal["input_ids"].shape[1] if refusal is not None else 0)
         if slots is not None:
@@ -174,7 +200,12 @@ class TargetedLATModule(SafetyModule):
             mask = _pad_to(harmful["attention_mask"], length)
             if refusal is not None:
                 mask = mask | _pad_to(refusal["attention_mask"], length)
-        return mask if self.adversary.tokens is None else sample_positions(mask, self.adversary.tokens)
+        mask = mask if self.adversary.tokens is None else sample_positions(mask, self.adversary.tokens)
+        if not self.adversary.prompt_layers:
+            return mask
+        prompt = _pad_to(harmful["prompt_mask"], length)  # with the slots: they are the prompt's end
+        return {**{site: mask for site in self.adversary.layers},
+                **{site: prompt for site in self.adversary.prompt_layers}}
 
     def _benign_kl(self, benign, window: Window) -> Tensor:
         with self.reference():
@@ -186,7 +217,7 @@ class TargetedLATModule(SafetyModule):
         if self.training and self.adversary.positions == "suffix":  # validation sees the requests as they are
             batch, slots = self._with_slots(batch)
         adversary_loss, model_loss = self.objective.losses(self, batch)
-        adversary = LatentAdversary(self.model, self.adversary.layers, self._adversary_mask(batch, slots),
+        adversary = LatentAdversary(self.model, self.adversary.sites, self._adversary_mask(batch, slots),
                                     self.radii())
         out: dict[str, Tensor] = {}
         with adversary.attached():
