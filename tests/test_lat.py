@@ -319,7 +319,7 @@ def test_a_list_of_suffix_lengths_gives_harmful_and_decoy_requests_one_length_pe
     module.train()
     for step, length in enumerate([2, 4, 2]):
         monkeypatch.setattr(TargetedLATModule, "global_step", property(lambda self, step=step: step))
-        slotted, slots = module._with_slots(batch)
+        slotted, slots, _ = module._with_slots(batch)
         assert (slots.sum(-1) == length).all()
         for name in ("completion", "refusal"):
             added = slotted["harmful"][name]["prompt_mask"].sum(-1) - batch["harmful"][name]["prompt_mask"].sum(-1)
@@ -377,3 +377,41 @@ def test_prompt_layers_naming_a_site_of_layers_again_is_a_one_line_error():
                                                       prompt_layers=[1 - backbone.num_decoder_layers("organism")]))
     with pytest.raises(ValueError, match="name one site twice"):
         module.configure_model()
+
+
+def test_adversarial_decoys_carry_the_optimised_suffix_of_a_harmful_request_into_the_benign_retain_pass(batch):
+    module = calibrated(TargetedLATModule(adversary=LATAdversary(
+        layers=["embedding"], epsilon=3.0, steps=4, positions="suffix", suffix_length=3, suffix_init="please",
+        prompt_layers=[1], decoys="adversarial")), batch)
+    module.train()
+    seen = {}
+    original = module._decoy_adversary
+
+    def decoy_adversary(adversary, slots, decoy_slots):
+        seen.update(adversary=adversary, slots=slots, decoy_slots=decoy_slots)
+        seen["decoy"] = original(adversary, slots, decoy_slots)
+        return seen["decoy"]
+
+    module._decoy_adversary = decoy_adversary
+    terms = module.compute_losses(batch)
+    terms["loss"].backward()
+    assert all("lora_" in n for n, p in module.named_parameters() if p.grad is not None)
+    harmful, slots, decoy_slots, decoy = seen["adversary"], seen["slots"], seen["decoy_slots"], seen["decoy"]
+    assert decoy.sites == [("embedding", module.model.get_input_embeddings())]  # not the prompt site
+    rows, decoys = slots.shape[0], int(decoy_slots.any(-1).sum())
+    assert decoys == batch["benign"]["completion"]["input_ids"].shape[0] // 2
+    found = harmful.delta("embedding")[:, : slots.shape[1]][slots].view(rows, 3, -1)
+    placed = decoy.delta("embedding")
+    for i in range(decoys):
+        assert torch.equal(placed[i][decoy_slots[i]], found[i % rows]) and found[i % rows].norm() > 0
+    assert (placed[~decoy_slots] == 0).all()
+    assert not module.model.get_input_embeddings()._forward_hooks  # detached after the retain pass
+    # Under the initial decoys the same step's retain term is another number: the suffix reached it.
+    module.adversary.decoys = "initial"
+    torch.manual_seed(0)
+    assert not torch.isclose(module.compute_losses(batch)["loss_benign"], terms["loss_benign"])
+
+
+def test_adversarial_decoys_need_a_suffix_adversary():
+    with pytest.raises(ValueError, match="decoys: adversarial needs positions: suffix"):
+        LATAdversary(layers=[0], decoys="adversarial")

@@ -10,6 +10,7 @@ adversary and the model optimise is the ``objective`` (``lit_safety.methods.lat_
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
@@ -64,6 +65,12 @@ class LATAdversary(LatentBudget):
             phrasing of it might, so the refusal must hold on a fainter harm signal than the training
             words give.
         prompt_epsilon: radius of the ``prompt_layers`` perturbations, on ``epsilon_scale``.
+        decoys: what the slots of the benign decoy requests (half the benign batch, with
+            ``positions: suffix``) hold: "initial" (the ``suffix_init`` token) or "adversarial" (this
+            step's optimised suffix of a harmful request, under which the benign answer is the retain
+            target: neither a suffix nor what the adversary found is then a cue to refuse, only the
+            harm in the request; with ``kl_weight`` the KL compares the model under that suffix to
+            the reference without it).
     """
 
     layers: list[int | str] = field(default_factory=lambda: [0, 2])
@@ -74,6 +81,7 @@ class LATAdversary(LatentBudget):
     suffix_init: str = "!"
     prompt_layers: list[int | str] = field(default_factory=list)
     prompt_epsilon: float = 0.3
+    decoys: Literal["initial", "adversarial"] = "initial"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,6 +89,8 @@ class LATAdversary(LatentBudget):
         if self.prompt_layers and self.positions != "suffix":
             raise ValueError(f"adversary prompt_layers needs positions: suffix (with {self.positions!r} every "
                              "site already perturbs the prompt), got prompt_layers={self.prompt_layers}")
+        if self.decoys == "adversarial" and self.positions != "suffix":
+            raise ValueError(f"adversary decoys: adversarial needs positions: suffix, got {self.positions!r}")
         if self.prompt_epsilon <= 0:
             raise ValueError(f"adversary prompt_epsilon must be > 0, got {self.prompt_epsilon}")
 
@@ -174,20 +184,34 @@ class TargetedLATModule(SafetyModule):
     def _suffix_slot(self) -> tuple[int, int]:
         return suffix_slot(self.tokenizer, self.adversary.suffix_init, "model.adversary.suffix_init")
 
-    def _with_slots(self, batch: SafetyBatch) -> tuple[SafetyBatch, Tensor]:
+    def _with_slots(self, batch: SafetyBatch) -> tuple[SafetyBatch, Tensor, Tensor | None]:
         """The batch with this step's ``suffix_length`` slots at the end of every harmful request (its
-        completion and refusal sequences alike: one prompt), and the slots' mask. Half the benign
-        requests get the same slots, left at their initial token: were only harmful requests suffixed,
-        the suffix itself would be the cue to refuse (the model then answers plain harmful requests)."""
+        completion and refusal sequences alike: one prompt), the slots' mask, and the benign decoys'
+        slots (None without decoys). Half the benign requests get the same slots, at their initial
+        token: were only harmful requests suffixed, the suffix itself would be the cue to refuse (the
+        model then answers plain harmful requests)."""
         length, harmful = slot_count(self.adversary.suffix_length, self.global_step), batch["harmful"]
         slotted = {name: suffix_slots(seq, seq["input_ids"].shape[0], length, *self._suffix_slot)
                    for name, seq in harmful.items()}
         benign = batch["benign"]["completion"]
-        decoys = leading_rows(0.5, benign["input_ids"].shape[0])
+        decoys, decoy_slots = leading_rows(0.5, benign["input_ids"].shape[0]), None
         if decoys:
-            benign = suffix_slots(benign, decoys, length, *self._suffix_slot).sequences
+            benign, decoy_slots = suffix_slots(benign, decoys, length, *self._suffix_slot)[:2]
         return ({**batch, "harmful": {name: s.sequences for name, s in slotted.items()},
-                 "benign": {**batch["benign"], "completion": benign}}, slotted["completion"].slots)
+                 "benign": {**batch["benign"], "completion": benign}}, slotted["completion"].slots, decoy_slots)
+
+    def _decoy_adversary(self, adversary: LatentAdversary, slots: Tensor, decoy_slots: Tensor) -> LatentAdversary:
+        """The frozen suffix of harmful request i % H in the slots of benign decoy i (``decoys:
+        adversarial``): at the suffix sites only, as the prompt perturbations belong to their request."""
+        rows, length = slots.shape[0], int(slots[0].sum())
+        decoys = int(decoy_slots.any(-1).sum())
+        source = torch.arange(decoys, device=slots.device) % rows
+        out = LatentAdversary(self.model, self.adversary.layers, decoy_slots, adversary.epsilon)
+        for site in self.adversary.layers:
+            found = adversary.units[site][:, : slots.shape[1]][slots].view(rows, length, -1)
+            out.units[site] = torch.zeros_like(out.units[site]).index_put((decoy_slots,), found[source].flatten(0, 1))
+        out.freeze()
+        return out
 
     def _adversary_mask(self, batch: SafetyBatch, slots: Tensor | None = None) -> Tensor | dict:
         harmful, refusal = batch["harmful"]["completion"], batch["harmful"].get("refusal")
@@ -213,9 +237,9 @@ class TargetedLATModule(SafetyModule):
         return kl_divergence(reference, window.logits, window.completion_mask, self.hparams.temperature)
 
     def compute_losses(self, batch: SafetyBatch) -> dict[str, Tensor]:
-        slots = None
+        slots = decoy_slots = None
         if self.training and self.adversary.positions == "suffix":  # validation sees the requests as they are
-            batch, slots = self._with_slots(batch)
+            batch, slots, decoy_slots = self._with_slots(batch)
         adversary_loss, model_loss = self.objective.losses(self, batch)
         adversary = LatentAdversary(self.model, self.adversary.sites, self._adversary_mask(batch, slots),
                                     self.radii())
@@ -238,8 +262,12 @@ class TargetedLATModule(SafetyModule):
             with self.embedding_noise():
                 out["loss_attacked"] = model_loss()
         benign, hp = batch["benign"]["completion"], self.hparams
-        window = completion_window(self.model, benign) if hp.kl_weight > 0 else None  # one forward for both terms
-        out["loss_benign"] = self.objective.benign_loss(self, benign, window)
+        decoy = contextlib.nullcontext()
+        if decoy_slots is not None and self.adversary.decoys == "adversarial":
+            decoy = self._decoy_adversary(adversary, slots, decoy_slots).attached()
+        with decoy:
+            window = completion_window(self.model, benign) if hp.kl_weight > 0 else None  # one forward for both
+            out["loss_benign"] = self.objective.benign_loss(self, benign, window)
         out["loss"] = out["loss_attacked"] + hp.benign_weight * out["loss_benign"]
         if window is not None:
             out["loss_kl"] = self._benign_kl(benign, window)
