@@ -325,3 +325,18 @@ def test_bf16_precision_falls_back_to_fp32_on_a_cpu_without_bf16_kernels(native,
     cli = main(["--config", config, "--trainer.accelerator=cpu", "--trainer.precision=bf16-mixed"], run=False)
     assert cli.trainer.precision == ("bf16-mixed" if native else "32-true")
     assert ("bf16 matmuls run 3.3x slower than fp32" in capsys.readouterr().out) != native
+
+
+def test_lat_suffix_adversary_options_of_the_readme_reach_the_module_and_misuse_is_one_line():
+    configs = os.path.join(os.path.dirname(__file__), "..", "configs")
+    cli = main(["--config", os.path.join(configs, "lat_suffix.yaml"), "--model.init_args.adversary.prompt_layers=[2]",
+                "--model.init_args.adversary.prompt_epsilon=0.3", "--model.init_args.adversary.decoys=adversarial"],
+               run=False)
+    adversary = cli.model.adversary
+    assert (adversary.prompt_layers, adversary.prompt_epsilon, adversary.decoys) == ([2], 0.3, "adversarial")
+    assert adversary.sites == ["embedding", 2]
+    with pytest.raises(SystemExit) as exit_info:  # lat.yaml's adversary perturbs the prompt: no slots to fill
+        main(["--config", os.path.join(configs, "lat.yaml"), "--model.init_args.adversary.decoys=adversarial"],
+             run=False)
+    lines = str(exit_info.value).splitlines()
+    assert len(lines) <= 3 and "decoys: adversarial needs positions: suffix" in lines[0], lines
