@@ -86,6 +86,8 @@ class LATAdversary(LatentBudget):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_slot_counts(self.suffix_length, "adversary suffix_length")
+        if self.tokens is not None and self.tokens < 1:
+            raise ValueError(f"adversary tokens must be >= 1 (or unset for every position), got {self.tokens}")
         if self.prompt_layers and self.positions != "suffix":
             raise ValueError(f"adversary prompt_layers needs positions: suffix (with {self.positions!r} every "
                              "site already perturbs the prompt), got prompt_layers={self.prompt_layers}")
@@ -103,8 +105,6 @@ class LATAdversary(LatentBudget):
         scale = {site: float(norms[site]) if self.epsilon_scale == "reference_norm" else 1.0 for site in self.sites}
         return {**{site: self.epsilon * scale[site] for site in self.layers},
                 **{site: self.prompt_epsilon * scale[site] for site in self.prompt_layers}}
-        if self.tokens is not None and self.tokens < 1:
-            raise ValueError(f"adversary tokens must be >= 1 (or unset for every position), got {self.tokens}")
 
 
 def _pad_to(mask: Tensor, length: int) -> Tensor:
