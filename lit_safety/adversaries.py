@@ -205,10 +205,13 @@ class LatentBudget:
             raise ValueError(f"a latent adversary needs epsilon > 0, steps >= 0 and lr > 0; got epsilon={self.epsilon}, "
                              f"steps={self.steps}, lr={self.lr}")
 
+    def unit(self, norms: dict, site) -> float:
+        """What one epsilon is at ``site``, given each site's mean activation norm."""
+        return float(norms[site]) if self.epsilon_scale == "reference_norm" else 1.0
+
     def radii(self, norms: dict) -> dict:
         """Per-site radius, given each site's mean activation norm (used by ``reference_norm``)."""
-        return {site: self.epsilon * (float(norms[site]) if self.epsilon_scale == "reference_norm" else 1.0)
-                for site in self.layers}
+        return {site: self.epsilon * self.unit(norms, site) for site in self.layers}
 
 
 @torch.no_grad()

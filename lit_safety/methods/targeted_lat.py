@@ -102,9 +102,7 @@ class LATAdversary(LatentBudget):
         return [*self.layers, *self.prompt_layers]
 
     def radii(self, norms: dict) -> dict:
-        scale = {site: float(norms[site]) if self.epsilon_scale == "reference_norm" else 1.0 for site in self.sites}
-        return {**{site: self.epsilon * scale[site] for site in self.layers},
-                **{site: self.prompt_epsilon * scale[site] for site in self.prompt_layers}}
+        return {**super().radii(norms), **{site: self.prompt_epsilon * self.unit(norms, site) for site in self.prompt_layers}}
 
 
 def _pad_to(mask: Tensor, length: int) -> Tensor:
@@ -207,10 +205,10 @@ class TargetedLATModule(SafetyModule):
         decoys = int(decoy_slots.any(-1).sum())
         source = torch.arange(decoys, device=slots.device) % rows
         out = LatentAdversary(self.model, self.adversary.layers, decoy_slots, adversary.epsilon)
+        out.freeze()
         for site in self.adversary.layers:
             found = adversary.units[site][:, : slots.shape[1]][slots].view(rows, length, -1)
-            out.units[site] = torch.zeros_like(out.units[site]).index_put((decoy_slots,), found[source].flatten(0, 1))
-        out.freeze()
+            out.units[site][decoy_slots] = found[source].flatten(0, 1)
         return out
 
     def _adversary_mask(self, batch: SafetyBatch, slots: Tensor | None = None) -> Tensor | dict:
