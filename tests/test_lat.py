@@ -385,14 +385,14 @@ def test_adversarial_decoys_carry_the_optimised_suffix_of_a_harmful_request_into
         prompt_layers=[1], decoys="adversarial")), batch)
     module.train()
     seen = {}
-    original = module._decoy_adversary
+    original = module._retain_adversary
 
-    def decoy_adversary(adversary, slots, decoy_slots):
+    def retain_adversary(benign, adversary, slots, decoy_slots):
         seen.update(adversary=adversary, slots=slots, decoy_slots=decoy_slots)
-        seen["decoy"] = original(adversary, slots, decoy_slots)
-        return seen["decoy"]
+        seen["decoy"], terms = original(benign, adversary, slots, decoy_slots)
+        return seen["decoy"], terms
 
-    module._decoy_adversary = decoy_adversary
+    module._retain_adversary = retain_adversary
     terms = module.compute_losses(batch)
     terms["loss"].backward()
     assert all("lora_" in n for n, p in module.named_parameters() if p.grad is not None)
@@ -415,3 +415,62 @@ def test_adversarial_decoys_carry_the_optimised_suffix_of_a_harmful_request_into
 def test_adversarial_decoys_need_a_suffix_adversary():
     with pytest.raises(ValueError, match="decoys: adversarial needs positions: suffix"):
         LATAdversary(layers=[0], decoys="adversarial")
+
+
+def _retain_adversary_of(module, batch):
+    seen = {}
+    original = module._retain_adversary
+
+    def retain_adversary(*args):
+        seen["adversary"], terms = original(*args)
+        return seen["adversary"], terms
+
+    module._retain_adversary = retain_adversary
+    terms = module.compute_losses(batch)
+    return terms, seen["adversary"]
+
+
+def test_the_benign_adversary_raises_the_retain_loss_within_the_radii_at_the_decoy_slots_and_benign_prompts(batch):
+    module = calibrated(TargetedLATModule(adversary=LATAdversary(
+        layers=["embedding"], epsilon=3.0, steps=2, positions="suffix", suffix_length=3, suffix_init="please",
+        prompt_layers=[1], prompt_epsilon=0.3, benign_steps=6)), batch)
+    module.train()
+    torch.manual_seed(0)
+    terms, adversary = _retain_adversary_of(module, batch)
+    terms["loss"].backward()
+    assert all("lora_" in n for n, p in module.named_parameters() if p.grad is not None)
+    assert not module.model.get_input_embeddings()._forward_hooks  # detached after the retain pass
+    assert terms["adversary/benign_loss_last"] > terms["adversary/benign_loss_first"]
+    benign = module._with_slots(batch)[0]["benign"]["completion"]
+    slots, prompt = adversary.masks["embedding"], adversary.masks[1]
+    decoys = batch["benign"]["completion"]["input_ids"].shape[0] // 2
+    assert (slots.sum(-1) == torch.tensor([3] * decoys + [0] * (len(slots) - decoys))).all()
+    assert torch.equal(prompt, benign["prompt_mask"])
+    suffix, layer = adversary.delta("embedding").norm(dim=-1), adversary.delta(1).norm(dim=-1)
+    assert (suffix[~slots] == 0).all() and (suffix[slots] > 0).all()
+    assert (layer[~prompt] == 0).all() and (layer[prompt & ~slots] > 0).any()  # the request words too
+    assert (suffix <= 3.0 * float(module.calibration["site_norm/embedding"]) * (1 + 1e-5)).all()
+    assert (layer <= 0.3 * float(module.calibration["site_norm/1"]) * (1 + 1e-5)).all()
+    # The retain pass ran under it: with the benign adversary off, the same step's retain loss is lower.
+    module.adversary.benign_steps = 0
+    torch.manual_seed(0)
+    assert module.compute_losses(batch)["loss_benign"] < terms["loss_benign"]
+
+
+def test_the_benign_adversary_of_prompt_lat_perturbs_the_benign_prompts_at_its_layers_in_training_only(batch):
+    module = calibrated(TargetedLATModule(adversary=LATAdversary(layers=[0, 1], epsilon=0.5, steps=2,
+                                                                 benign_steps=3)), batch)
+    module.train()
+    terms, adversary = _retain_adversary_of(module, batch)
+    prompt = batch["benign"]["completion"]["prompt_mask"]
+    for site in (0, 1):
+        assert torch.equal(adversary.masks[site], prompt)
+        assert (adversary.delta(site).norm(dim=-1)[~prompt] == 0).all()
+    assert "adversary/benign_loss_last" in terms
+    module.eval()  # validation: no benign adversary
+    assert module._retain_adversary(batch["benign"]["completion"], adversary, None, None) == (None, {})
+
+
+def test_negative_benign_steps_are_a_one_line_error():
+    with pytest.raises(ValueError, match="benign_steps must be >= 0"):
+        LATAdversary(layers=[0], benign_steps=-1)

@@ -71,6 +71,15 @@ class LATAdversary(LatentBudget):
             target: neither a suffix nor what the adversary found is then a cue to refuse, only the
             harm in the request; with ``kl_weight`` the KL compares the model under that suffix to
             the reference without it).
+        benign_steps: Adam steps of a benign adversary (0: none). At the harmful adversary's sites
+            and radii it perturbs the benign requests (the decoys' slots at ``layers`` with
+            ``positions: suffix``, every prompt position at ``prompt_layers``), maximising the retain
+            loss, and the retain pass runs under it. The harmful adversary alone lets the model refuse
+            anything within its radius of a harmful request, benign requests nearby too (a prompt
+            perturbation of half a layer norm teaches it to refuse everything); a benign one of the
+            same radius asks for the answer within the radius of every benign request, so the boundary
+            has to keep a margin to both sides. With ``decoys: adversarial`` it starts from the copied
+            suffix.
     """
 
     layers: list[int | str] = field(default_factory=lambda: [0, 2])
@@ -82,6 +91,7 @@ class LATAdversary(LatentBudget):
     prompt_layers: list[int | str] = field(default_factory=list)
     prompt_epsilon: float = 0.3
     decoys: Literal["initial", "adversarial"] = "initial"
+    benign_steps: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,6 +105,8 @@ class LATAdversary(LatentBudget):
             raise ValueError(f"adversary decoys: adversarial needs positions: suffix, got {self.positions!r}")
         if self.prompt_epsilon <= 0:
             raise ValueError(f"adversary prompt_epsilon must be > 0, got {self.prompt_epsilon}")
+        if self.benign_steps < 0:
+            raise ValueError(f"adversary benign_steps must be >= 0, got {self.benign_steps}")
 
     @property
     def sites(self) -> list[int | str]:
@@ -198,18 +210,49 @@ class TargetedLATModule(SafetyModule):
         return ({**batch, "harmful": {name: s.sequences for name, s in slotted.items()},
                  "benign": {**batch["benign"], "completion": benign}}, slotted["completion"].slots, decoy_slots)
 
-    def _decoy_adversary(self, adversary: LatentAdversary, slots: Tensor, decoy_slots: Tensor) -> LatentAdversary:
-        """The frozen suffix of harmful request i % H in the slots of benign decoy i (``decoys:
-        adversarial``): at the suffix sites only, as the prompt perturbations belong to their request."""
-        rows, length = slots.shape[0], int(slots[0].sum())
-        decoys = int(decoy_slots.any(-1).sum())
-        source = torch.arange(decoys, device=slots.device) % rows
-        out = LatentAdversary(self.model, self.adversary.layers, decoy_slots, adversary.epsilon)
+    def _benign_mask(self, benign, decoy_slots: Tensor | None) -> dict:
+        """Per site, the benign positions the retain pass's perturbation may take: as the harmful
+        adversary's, on the benign requests (with a suffix: the decoys' slots)."""
+        if self.adversary.positions == "suffix":
+            mask = decoy_slots if decoy_slots is not None else torch.zeros_like(benign["prompt_mask"])
+        else:
+            mask = benign["prompt_mask" if self.adversary.positions == "prompt" else "attention_mask"]
+        if self.adversary.tokens is not None:
+            mask = sample_positions(mask, self.adversary.tokens)
+        return {**{site: mask for site in self.adversary.layers},
+                **{site: benign["prompt_mask"] for site in self.adversary.prompt_layers}}
+
+    def _retain_adversary(self, benign, adversary: LatentAdversary, slots: Tensor | None,
+                          decoy_slots: Tensor | None) -> tuple[LatentAdversary | None, dict[str, Tensor]]:
+        """The frozen perturbation the retain pass runs under (None: it runs clean), and its log terms.
+        ``decoys: adversarial`` puts the suffix of harmful request i % H in the slots of benign decoy
+        i, at the suffix sites only, as the prompt perturbations belong to their request; with
+        ``benign_steps`` the benign adversary then optimises it (and the prompt sites) against the
+        retain term."""
+        copied = decoy_slots is not None and self.adversary.decoys == "adversarial"
+        optimised = self.training and self.adversary.benign_steps > 0
+        if not (copied or optimised):
+            return None, {}
+        sites = self.adversary.sites if optimised else self.adversary.layers
+        out, terms = LatentAdversary(self.model, sites, self._benign_mask(benign, decoy_slots), self.radii()), {}
+        if copied:
+            rows, length = slots.shape[0], int(slots[0].sum())
+            source = torch.arange(int(decoy_slots.any(-1).sum()), device=slots.device) % rows
+            with torch.no_grad():
+                for site in self.adversary.layers:
+                    found = adversary.units[site][:, : slots.shape[1]][slots].view(rows, length, -1)
+                    out.units[site][decoy_slots] = found[source].flatten(0, 1)
+        if optimised:
+            examples = out.rows  # per-example gradients, as the harmful adversary's
+            with out.attached(), self.adapters_frozen():
+                losses = out.optimise(lambda: -examples * self.objective.benign_loss(self, benign),
+                                      self.adversary.benign_steps, self.adversary.lr)
+            losses = [-loss / examples for loss in finite(losses)]
+            if losses:
+                terms = {"adversary/benign_loss_first": torch.tensor(losses[0]),
+                         "adversary/benign_loss_last": torch.tensor(losses[-1])}
         out.freeze()
-        for site in self.adversary.layers:
-            found = adversary.units[site][:, : slots.shape[1]][slots].view(rows, length, -1)
-            out.units[site][decoy_slots] = found[source].flatten(0, 1)
-        return out
+        return out, terms
 
     def _adversary_mask(self, batch: SafetyBatch, slots: Tensor | None = None) -> Tensor | dict:
         harmful, refusal = batch["harmful"]["completion"], batch["harmful"].get("refusal")
@@ -260,10 +303,9 @@ class TargetedLATModule(SafetyModule):
             with self.embedding_noise():
                 out["loss_attacked"] = model_loss()
         benign, hp = batch["benign"]["completion"], self.hparams
-        decoy = contextlib.nullcontext()
-        if decoy_slots is not None and self.adversary.decoys == "adversarial":
-            decoy = self._decoy_adversary(adversary, slots, decoy_slots).attached()
-        with decoy:
+        retain_adversary, terms = self._retain_adversary(benign, adversary, slots, decoy_slots)
+        out.update(terms)
+        with retain_adversary.attached() if retain_adversary is not None else contextlib.nullcontext():
             window = completion_window(self.model, benign) if hp.kl_weight > 0 else None  # one forward for both
             out["loss_benign"] = self.objective.benign_loss(self, benign, window)
         out["loss"] = out["loss_attacked"] + hp.benign_weight * out["loss_benign"]
