@@ -23,7 +23,7 @@ class ArtifactError(ValueError):
     """A file or directory that is not the artefact it was given as."""
 
 
-CARD_DATA = "lit_safety.json"  # what lit_safety needs to rebuild an adapter's model, beside peft's files
+CARD_DATA = backbone.CARD_DATA
 
 
 def _base_for_peft(name: str) -> str:
@@ -189,13 +189,7 @@ def base_model_name(spec: str) -> str:
     adapter's base model, else ``spec`` itself."""
     if spec.endswith(".ckpt"):
         return read_checkpoint(spec)["hyper_parameters"]["base_model"]
-    adapter_config = os.path.join(spec, "adapter_config.json")
-    if os.path.isfile(adapter_config):
-        card = os.path.join(spec, CARD_DATA)
-        with open(card if os.path.isfile(card) else adapter_config) as f:
-            data = json.load(f)
-        return data.get("base_model") or data["base_model_name_or_path"]
-    return spec
+    return backbone.adapter_base(spec) or spec
 
 
 def load_for_evaluation(spec: str):

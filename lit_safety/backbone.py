@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,11 +33,30 @@ def register_model_resolver(prefix: str, resolver: Callable[[str | None], str]) 
     MODEL_RESOLVERS[prefix] = resolver
 
 
+CARD_DATA = "lit_safety.json"  # what lit_safety needs to rebuild an adapter's model, beside peft's files
+
+
+def adapter_base(name: str) -> str | None:
+    """The base model of ``name`` when it is a PEFT adapter directory (a run's ``adapter/``), else None.
+
+    lit_safety's own card names the base as it was given (``organism`` resolves on any machine); an
+    adapter written by other tools names it in ``adapter_config.json``.
+    """
+    config = os.path.join(name, "adapter_config.json")
+    if not os.path.isfile(config):
+        return None
+    card = os.path.join(name, CARD_DATA)
+    with open(card if os.path.isfile(card) else config) as f:
+        data = json.load(f)
+    return data.get("base_model") or data["base_model_name_or_path"]
+
+
 def resolve_model(name: str) -> tuple[str, dict]:
     """Turn a model name into ``(path_or_hub_id, extra from_pretrained kwargs)``.
 
     Accepted names: a registered name such as ``organism``, ``organism:backdoor`` or ``smollm2``; a
     local Hugging Face directory; a ``.gguf`` file (loaded through transformers' GGUF support); a hub id.
+    A PEFT adapter directory resolves to itself: ``load_causal_lm`` merges it into its base.
     """
     prefix, _, variant = name.partition(":")
     resolver = MODEL_RESOLVERS.resolver(prefix)
@@ -58,6 +78,10 @@ def model_identity(name: str) -> dict:
     recipe built on two machines can be two organisms, so a figure names the one it was measured on."""
     from lit_safety.cache import checksum, weights_checksum
 
+    base = adapter_base(name)
+    if base is not None:  # a model trained in stages is measured on the build under its first stage
+        identity = model_identity(base)
+        return {"name": name, "sha256": identity["sha256"], "base": identity}
     path, _ = resolve_model(name)
     built = os.path.isdir(path) and checksum(path) is not None
     return {"name": name, "sha256": weights_checksum(path) if built else None}
@@ -69,6 +93,8 @@ def num_decoder_layers(name: str) -> int | None:
     from transformers import AutoConfig
 
     try:
+        while (base := adapter_base(name)) is not None:  # an adapter has its base's layers
+            name = base
         path, kwargs = resolve_model(name)
         return int(AutoConfig.from_pretrained(path, **kwargs).num_hidden_layers)
     except Exception:  # noqa: BLE001 - any config that cannot be read defers the check to the loaded model
@@ -97,9 +123,13 @@ def bf16_speedup(device_type: str) -> float:
 
 
 def load_tokenizer(name: str):
-    """Load the tokenizer of model ``name`` (see ``resolve_model``), with a pad token."""
+    """Load the tokenizer of model ``name`` (see ``resolve_model``), with a pad token; an adapter
+    directory saved without one uses its base's."""
     from transformers import AutoTokenizer
 
+    base = adapter_base(name)
+    if base is not None and not os.path.isfile(os.path.join(name, "tokenizer_config.json")):
+        return load_tokenizer(base)
     path, kwargs = resolve_model(name)
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if tokenizer.pad_token is None:
@@ -109,9 +139,26 @@ def load_tokenizer(name: str):
 
 
 def load_causal_lm(name: str, dtype: DType = "float32", quantization: Quantization | None = None):
-    """Load a causal LM, optionally with a 4-bit (NF4) or 8-bit bitsandbytes base (QLoRA)."""
+    """Load a causal LM, optionally with a 4-bit (NF4) or 8-bit bitsandbytes base (QLoRA).
+
+    A PEFT adapter directory (a previous run's ``adapter/``) loads as its base with the adapter merged
+    in, so one method can train on top of another's result; chains of such stages follow to the first.
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    base = adapter_base(name)
+    if base is not None:
+        if quantization is not None:
+            raise BackboneError(f"{name}: an adapter directory as the model cannot be quantized (its weights "
+                                "are merged into the base first); export the merged model and quantize that")
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(load_causal_lm(base, dtype), name).merge_and_unload()
+        except BackboneError as e:
+            raise BackboneError(f"{name}: the base of this adapter: {e}") from None
+        model.requires_grad_(False)
+        return model
     path, kwargs = resolve_model(name)
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     if quantization == "4bit":

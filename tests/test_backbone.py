@@ -150,3 +150,39 @@ def test_qlora_4bit_trains_a_step_on_cpu(tmp_path):
     optimizer.step()
     assert torch.isfinite(loss)
     assert any(not torch.equal(b, p) for b, p in zip(before, trainable))
+
+
+def test_an_adapter_directory_loads_as_its_base_with_the_adapter_merged(tiny_model_dir, peft_model, tmp_path):
+    """A previous run's adapter is a model: merged into its base (chains follow to the first stage),
+    with its base's layers and, when saved without one, its base's tokenizer."""
+    stage1 = str(tmp_path / "stage1")
+    peft_model.save_pretrained(stage1)  # names tiny_model_dir as its base, no tokenizer beside it
+    ids = torch.randint(7, 25, (2, 9))
+    merged = backbone.load_causal_lm(stage1)
+    assert type(merged).__name__ == "LlamaForCausalLM" and not any(p.requires_grad for p in merged.parameters())
+    assert torch.allclose(merged(ids).logits, peft_model(ids).logits, atol=1e-5)
+    assert backbone.num_decoder_layers(stage1) == backbone.num_decoder_layers(tiny_model_dir) == 4
+    assert backbone.load_tokenizer(stage1).get_vocab() == backbone.load_tokenizer(tiny_model_dir).get_vocab()
+    assert backbone.model_identity(stage1)["base"] == backbone.model_identity(tiny_model_dir)
+
+    stage2_model = backbone.add_lora(backbone.load_causal_lm(stage1), rank=4, alpha=8)
+    with torch.no_grad():
+        for name, p in stage2_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    stage2_model.peft_config["default"].base_model_name_or_path = stage1
+    stage2 = str(tmp_path / "stage2")
+    stage2_model.save_pretrained(stage2)
+    assert torch.allclose(backbone.load_causal_lm(stage2)(ids).logits, stage2_model(ids).logits, atol=1e-5)
+
+
+def test_an_adapter_as_the_model_cannot_be_quantized_and_a_missing_base_is_named(peft_model, tmp_path):
+    stage1 = str(tmp_path / "stage1")
+    peft_model.save_pretrained(stage1)
+    with pytest.raises(BackboneError, match="stage1: an adapter directory as the model cannot be quantized"):
+        backbone.load_causal_lm(stage1, quantization="4bit")
+    orphan = str(tmp_path / "orphan")
+    peft_model.peft_config["default"].base_model_name_or_path = str(tmp_path / "gone")
+    peft_model.save_pretrained(orphan)
+    with pytest.raises(BackboneError, match="orphan: the base of this adapter: model directory not found: .*gone"):
+        backbone.load_causal_lm(orphan)

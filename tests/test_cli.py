@@ -125,6 +125,29 @@ def test_fit_fast_dev_run_and_adapter_only_checkpoint_resume(tiny_args, tmp_path
     assert any(not torch.equal(trained[k], v) for k, v in resumed.model.state_dict().items())
 
 
+def test_one_method_trains_on_top_of_anothers_adapter(tiny_args, tmp_path):
+    """Stages: a run's adapter directory is a base_model; the next method's reference is the first
+    stage's trained model, and its own adapter loads back through the chain."""
+    from lit_safety.artifacts import load_for_evaluation
+
+    configs = os.path.join(os.path.dirname(__file__), "..", "configs")
+    first = main(["fit", "--config", os.path.join(configs, "refusal_sft.yaml"), *tiny_args, "--trainer.max_steps=3"])
+    stage1 = os.path.join(first.trainer.log_dir, "adapter")
+    second = main(["fit", "--config", os.path.join(configs, "circuit_breaker.yaml"), *tiny_args,
+                   f"--model.base_model={stage1}", "--trainer.max_steps=2"])
+    stage2 = os.path.join(second.trainer.log_dir, "adapter")
+    ids = torch.randint(7, 25, (2, 6))
+    first.model.eval(), second.model.eval()
+    with backbone.reference(second.model.model):
+        reference = second.model.model(ids).logits
+    assert torch.allclose(reference, first.model.model(ids).logits, atol=1e-5)
+    trained = second.model.model(ids).logits
+    assert not torch.allclose(trained, reference, atol=1e-5)  # the second stage trained
+    model, _ = load_for_evaluation(stage2)
+    assert torch.allclose(model(ids).logits, trained, atol=1e-5)
+    assert open(os.path.join(stage2, "README.md")).read().startswith(f"---\nbase_model: {stage1}\n")
+
+
 def test_fast_dev_run(tiny_args):
     config = os.path.join(os.path.dirname(__file__), "..", "configs", "refusal_sft.yaml")
     cli = main(["fit", "--config", config, *tiny_args, "--trainer.fast_dev_run=true"])
