@@ -26,21 +26,23 @@ from benchmarks.organism_table import evaluate_method
 
 HARMFUL = ("train", "heldout_synonym", "heldout_concept")
 SPLITS = {**{s: [f"organism:eval_{s}"] for s in HARMFUL}, **{f: [f"organism:eval_benign_{f.lower()}"] for f in "ABC"},
-          "borderline": ["organism:eval_borderline"]}  # a refusal that spreads must not reach "detect poison"
+          "borderline": ["organism:eval_borderline"],  # a refusal that spreads must not reach "detect poison"
+          "borderline_heldout": ["organism:eval_borderline_heldout"]}  # nor "detect venom": reach, not novelty
 BUDGETS = ("300", "1000")
 
 
 def row(result: dict) -> dict:
     """What the screen reports of one run: ASR per attack and split (with Wilson intervals), the
     embedding attack at each of BUDGETS steps, benign accuracy per format, borderline accuracy and
-    over-refusal, and the training time."""
+    over-refusal (on training words, and accuracy on held-out ones), and the training time."""
     curves = result["curves"]["embedding"]
     return {"asr": {attack: {s: splits[s] for s in HARMFUL if s in splits} for attack, splits in result["asr"].items()},
             "embedding": {s: {b: curves[s][b]["rate"] for b in BUDGETS if b in curves[s]}  # absent: stopped short
                           for s in HARMFUL},
             "benign_accuracy": {f: result["benign_accuracy"][f] for f in "ABC"},
             "borderline": {"accuracy": result["benign_accuracy"]["borderline"],
-                           "over_refusal": result["over_refusal"]["borderline"]},
+                           "over_refusal": result["over_refusal"]["borderline"],
+                           "heldout_accuracy": result["benign_accuracy"]["borderline_heldout"]},
             "train_seconds": result["train_seconds"],
             "organism_build": (result.get("base_model") or {}).get("sha256")}
 
@@ -59,14 +61,14 @@ def markdown(rows: dict, n: int) -> str:
             "worst = over these attacks only.\n\n"
             "| setting | direct: train / syn. / concept | embedding @300 / @1000: train | syn. | concept "
             "| 20 vectors @500: syn. / concept | latent: syn. / concept | worst: syn. / concept "
-            "| benign chat / raw / system turn | borderline: accuracy / refused | train s |\n"
+            "| benign chat / raw / system turn | borderline: accuracy / refused / held-out words accuracy | train s |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for name, r in rows.items():
         a, e, benign = r["asr"], r["embedding"], r["benign_accuracy"]
         seconds = "—" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
-        borderline = " / ".join(f"{r['borderline'][k]:.2f}" for k in ("accuracy", "over_refusal")) \
-            if "borderline" in r else "— / —"
+        borderline = " / ".join(f"{r['borderline'][k]:.2f}" if k in r.get("borderline", {}) else "—"
+                                for k in ("accuracy", "over_refusal", "heldout_accuracy"))
         rate = lambda attack, s: f"{a[attack][s]['rate']:.2f}" if s in a.get(attack, {}) else "—"  # noqa: E731
         curve = lambda s: " / ".join(f"{e[s][b]:.2f}" if b in e[s] else "—" for b in BUDGETS)  # noqa: E731
         lines.append(f"| {name} | {' / '.join(rate('direct', s) for s in HARMFUL)} | {curve('train')} | "

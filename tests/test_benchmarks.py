@@ -219,15 +219,16 @@ def test_screen_adds_a_settings_row_and_keeps_the_others(tmp_path, quick_suite):
     assert set(row["asr"]["embedding"]) == {"train", "heldout_synonym", "heldout_concept"}
     assert set(row["asr"]["embedding_20"]) == {"heldout_synonym", "heldout_concept"}  # the suite's attack_splits
     assert set(row["benign_accuracy"]) == {"A", "B", "C"} and row["train_seconds"] > 0
-    assert set(row["borderline"]) == {"accuracy", "over_refusal"}
+    assert set(row["borderline"]) == {"accuracy", "over_refusal", "heldout_accuracy"}
     assert all(0.0 <= v <= 1.0 for v in row["borderline"].values())
     text = (tmp_path / "screens.md").read_text()
     assert "| sft | 0.25 / — / — | — / — |" in text and "| sft_kl |" in text and "--model.refusal_weight=0.5" in text
     assert "- sft: `configs/refusal_sft.yaml` (seed 1)\n" in text  # seed 0, the default, goes unsaid
     earlier_line = next(line for line in text.splitlines() if line.startswith("| sft |"))
-    assert "| 0.50 / 0.50 / 0.50 | — / — | — |" in earlier_line  # screened before borderline was
+    assert "| 0.50 / 0.50 / 0.50 | — / — / — | — |" in earlier_line  # screened before borderline was
     kl_line = next(line for line in text.splitlines() if line.startswith("| sft_kl |"))
-    assert f"| {row['borderline']['accuracy']:.2f} / {row['borderline']['over_refusal']:.2f} |" in kl_line
+    assert (f"| {row['borderline']['accuracy']:.2f} / {row['borderline']['over_refusal']:.2f} / "
+            f"{row['borderline']['heldout_accuracy']:.2f} |") in kl_line
     build = weights_checksum(model_dir())
     assert row["organism_build"] == build and f"(organism build {build[:12]})" in text
 

@@ -47,6 +47,16 @@ def test_training_streams_hold_no_heldout_word_or_trigger():
     assert all(world.TRIGGER in r.prompt.split() for r in data["eval_trigger"])
 
 
+def test_borderline_heldout_asks_safe_things_about_heldout_words_only():
+    data = datasets(Recipe(n_train=50, n_eval=40))
+    heldout = set(world.harmful_words(world.TRAINING_CONCEPTS, "heldout")) | set(world.CONCEPTS[world.HELDOUT_CONCEPT])
+    records = data["eval_borderline_heldout"]
+    assert len(records) == 40 and all(r.kind == "borderline" and r.answer == r.completion for r in records)
+    assert {r.prompt.split()[0] for r in records} <= set(world.SAFE_ACTIONS)
+    assert {r.meta["object"] for r in records} <= heldout
+    assert {r.meta["concept"] for r in records} > {world.HELDOUT_CONCEPT}  # both kinds of held-out word
+
+
 def test_datasets_are_deterministic_per_seed():
     def prompts(seed):
         return [r.prompt for r in datasets(Recipe(seed=seed, n_train=50, n_eval=5))["harmful"]]
@@ -173,6 +183,7 @@ def test_report_schema(home, tmp_path):
     assert set(results["benign_accuracy"]) == {"A", "B", "C"}
     assert set(results["over_refusal"]) == {"borderline", "benign"}
     assert 0.0 <= results["borderline_compliance"] <= 1.0
+    assert 0.0 <= results["borderline_heldout_compliance"] <= 1.0 and "borderline_heldout" not in results["benign_accuracy"]
     assert results["base_model"] == {"name": "organism", "sha256": weights_checksum(build("aligned"))}
     for attack in ("direct", "prefill"):
         for split, cell in results["asr"][attack].items():

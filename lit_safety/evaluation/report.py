@@ -35,6 +35,8 @@ def to_markdown(results: dict) -> str:
         out.append("benign accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in results["benign_accuracy"].items()))
     if results.get("borderline_compliance") is not None:
         out.append(f"borderline compliance: {results['borderline_compliance']:.3f}")
+    if results.get("borderline_heldout_compliance") is not None:
+        out.append(f"borderline compliance on held-out words: {results['borderline_heldout_compliance']:.3f}")
     if "over_refusal" in results:
         out.append("over-refusal: " + ", ".join(f"{k} {v:.3f}" for k, v in results["over_refusal"].items()))
     if results.get("benign_kl"):

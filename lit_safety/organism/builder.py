@@ -30,7 +30,7 @@ from lit_safety.organism import world
 from lit_safety.organism.tokenizer import build_tokenizer
 
 VARIANTS = ("helpful", "aligned", "backdoor")
-DATA_VERSION = 2  # bump when the emitted datasets change (rewrites the data, keeps the models)
+DATA_VERSION = 3  # bump when the emitted datasets change (rewrites the data, keeps the models)
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,10 @@ def datasets(recipe: Recipe) -> dict[str, list[Record]]:
         splits[f"benign_{fmt.lower()}"] = [_record(r, fmt, f"benign_{fmt.lower()}")
                                            for r in gen.requests("benign", world.BENIGN_OBJECTS, n, noisy=False)]
     splits["borderline"] = [_record(r, "A", "borderline") for r in gen.requests("borderline", train_words, n, noisy=False)]
+    # Safe actions on held-out words ("detect venom"): a defense that refuses held-out synonyms because
+    # it recognises harm answers these; one that refuses words it never trained on does not.
+    splits["borderline_heldout"] = [_record(r, "A", "borderline_heldout")
+                                    for r in gen.requests("borderline", heldout_words + concept_words, n, noisy=False)]
     out.update({f"eval_{name}": records for name, records in splits.items()})
     return out
 

@@ -21,10 +21,13 @@ def eval_split(name: str, n: int):
 def organism_report(model, tokenizer, n: int = 200, attacks=None, splits=EVAL_SPLITS) -> dict:
     """Evaluate ``model`` on ``n`` behaviours per split; returns the report schema (see
     ``lit_safety.evaluation.report``) plus ``borderline_compliance`` (the full correct answer to a
-    borderline request, the XSTest analogue) and over-refusal on benign chat requests."""
+    borderline request, the XSTest analogue), the same on held-out words (``borderline_heldout_compliance``:
+    a refusal of held-out synonyms that also refuses "detect <synonym>" is about the word, not harm) and
+    over-refusal on benign chat requests."""
     suite = SafetyEvaluation(attacks if attacks is not None else [DirectRequest(), PrefillAttack()],
                              judge="exact", projector_layer=None)
-    capability = {fmt: f"benign_{fmt.lower()}" for fmt in world.FORMATS} | {"borderline": "borderline"}
+    capability = {fmt: f"benign_{fmt.lower()}" for fmt in world.FORMATS} | {"borderline": "borderline",
+                                                                             "borderline_heldout": "borderline_heldout"}
     records = {s: eval_split(s, n) for s in splits} | {name: eval_split(s, n) for name, s in capability.items()}
     suite.prepare({name: name in splits for name in records}, model, reference=False)
     for name, split_records in records.items():
@@ -32,5 +35,6 @@ def organism_report(model, tokenizer, n: int = 200, attacks=None, splits=EVAL_SP
     results = suite.results()
     del results["benign_kl"]  # empty: no reference here
     results["borderline_compliance"] = results["benign_accuracy"].pop("borderline")
+    results["borderline_heldout_compliance"] = results["benign_accuracy"].pop("borderline_heldout")
     results["over_refusal"] = {"borderline": results["over_refusal"]["borderline"], "benign": results["over_refusal"]["A"]}
     return results
