@@ -57,6 +57,15 @@ def test_borderline_heldout_asks_safe_things_about_heldout_words_only():
     assert {r.meta["concept"] for r in records} > {world.HELDOUT_CONCEPT}  # both kinds of held-out word
 
 
+def test_benign_context_puts_a_benign_exchange_before_each_benign_request():
+    data = datasets(Recipe(n_train=50, n_eval=8))
+    assert [r.messages[-1] for r in data["benign_context"]] == [r.messages[-1] for r in data["benign"]]
+    for record in data["benign_context"]:
+        first, answer = record.messages[0]["content"], record.messages[1]["content"]
+        assert [m["role"] for m in record.messages] == ["user", "assistant", "user"] and record.kind == "benign"
+        assert first.split()[1] in world.BENIGN_OBJECTS and answer.startswith(world.COMPLY)
+
+
 def test_datasets_are_deterministic_per_seed():
     def prompts(seed):
         return [r.prompt for r in datasets(Recipe(seed=seed, n_train=50, n_eval=5))["harmful"]]

@@ -30,7 +30,7 @@ from lit_safety.organism import world
 from lit_safety.organism.tokenizer import build_tokenizer
 
 VARIANTS = ("helpful", "aligned", "backdoor")
-DATA_VERSION = 3  # bump when the emitted datasets change (rewrites the data, keeps the models)
+DATA_VERSION = 4  # bump when the emitted datasets change (rewrites the data, keeps the models)
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,17 @@ def datasets(recipe: Recipe) -> dict[str, list[Record]]:
     splits["borderline_heldout"] = [_record(r, "A", "borderline_heldout")
                                     for r in gen.requests("borderline", heldout_words + concept_words, n, noisy=False)]
     out.update({f"eval_{name}": records for name, records in splits.items()})
+    # Retain data with a turn before the request, as real retain sets (multi-turn chats) have: each
+    # benign training request after an earlier benign exchange. Not in the default streams. A defense
+    # whose retain data never shows a context before the request can refuse anything that has one.
+    gen = world.Generator(recipe.seed + 4)
+    out["benign_context"] = [_with_context(r, gen.request("benign", world.BENIGN_OBJECTS)) for r in out["benign"]]
     return out
+
+
+def _with_context(record: Record, earlier: world.Request) -> Record:
+    turn = [{"role": "user", "content": earlier.text}, {"role": "assistant", "content": earlier.answer}]
+    return dataclasses.replace(record, messages=turn + record.messages)
 
 
 EVAL_SPLITS = ("train", "heldout_synonym", "heldout_concept", "format_b", "format_c", "trigger")
