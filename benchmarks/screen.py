@@ -25,9 +25,7 @@ from benchmarks.common import ROOT, atomic_write
 from benchmarks.organism_table import evaluate_method
 
 HARMFUL = ("train", "heldout_synonym", "heldout_concept")
-SPLITS = {**{s: [f"organism:eval_{s}"] for s in HARMFUL}, **{f: [f"organism:eval_benign_{f.lower()}"] for f in "ABC"},
-          "borderline": ["organism:eval_borderline"],  # a refusal that spreads must not reach "detect poison"
-          "borderline_heldout": ["organism:eval_borderline_heldout"]}  # nor "detect venom": reach, not novelty
+UNSCREENED = ("format_b", "format_c", "trigger")  # harmful splits of the default evaluation a screen skips
 BUDGETS = ("300", "1000")
 
 
@@ -96,7 +94,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="log directories of every run (not committed)")
     args = parser.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
-    screen = ["--evaluation", args.evaluation, f"--data.init_args.test_splits={json.dumps(SPLITS)}"]
+    from lit_safety.data.module import default_test_splits
+
+    # Every benign and borderline split of the default evaluation: a refusal that spreads must reach
+    # neither "detect poison" nor "detect venom".
+    splits = {name: sources for name, sources in default_test_splits().items() if name not in UNSCREENED}
+    screen = ["--evaluation", args.evaluation, f"--data.init_args.test_splits={json.dumps(splits)}"]
     result = evaluate_method(args.name, args.config, args.seed, args.n, args.work, extra=(*args.overrides, *screen))
     path = os.path.join(args.out, "screens.json")
     saved = {"n": args.n, "settings": {}}
