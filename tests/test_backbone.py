@@ -7,15 +7,20 @@ from lit_safety.losses import masked_mean
 from lit_safety.representations import capture_residuals, forward_states
 
 
-@pytest.fixture
-def peft_model(tiny_model_dir):
-    model = backbone.add_lora(backbone.load_causal_lm(tiny_model_dir), rank=4, alpha=8)
-    # Fresh LoRA B is zero, which would make the reference test vacuous: give the adapters an effect.
+def lora_with_effect(base):
+    """``base`` with rank-4 LoRA adapters whose B is random: fresh LoRA B is zero, which would make
+    any test that the adapters change something vacuous."""
+    model = backbone.add_lora(base, rank=4, alpha=8)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     return model
+
+
+@pytest.fixture
+def peft_model(tiny_model_dir):
+    return lora_with_effect(backbone.load_causal_lm(tiny_model_dir))
 
 
 def test_reference_equals_base_bitwise(tiny_model_dir, peft_model):
@@ -165,11 +170,7 @@ def test_an_adapter_directory_loads_as_its_base_with_the_adapter_merged(tiny_mod
     assert backbone.load_tokenizer(stage1).get_vocab() == backbone.load_tokenizer(tiny_model_dir).get_vocab()
     assert backbone.model_identity(stage1)["base"] == backbone.model_identity(tiny_model_dir)
 
-    stage2_model = backbone.add_lora(backbone.load_causal_lm(stage1), rank=4, alpha=8)
-    with torch.no_grad():
-        for name, p in stage2_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+    stage2_model = lora_with_effect(backbone.load_causal_lm(stage1))
     stage2_model.peft_config["default"].base_model_name_or_path = stage1
     stage2 = str(tmp_path / "stage2")
     stage2_model.save_pretrained(stage2)
