@@ -4,6 +4,7 @@ same suite (configs/suite.yaml). Writes benchmarks/results/organism_table.{json,
     python benchmarks/organism_table.py                  # one seed, 50 behaviours per split
     python benchmarks/organism_table.py --seeds 3 --n 100
     python benchmarks/organism_table.py --keep-checkpoints   # re-attack the models already trained in --work
+    python benchmarks/organism_table.py --first-seed 1 --seeds 1   # seed 1 alone (e.g. beside another run)
 
 Each method is one training config; "base" is the aligned organism with fresh adapters. Seeds vary
 the adapter initialisation and the data order. The methods of one seed run side by side, ``--jobs``
@@ -247,6 +248,9 @@ def plot_curves(table: dict, path: str, split: str = "heldout_synonym") -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=1, help="seeds per method (default 1)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="the first seed (default 0): two runs of one --work can measure different seeds side "
+                             "by side, and a third with --reuse and every seed puts them in one table")
     parser.add_argument("--n", type=int, default=50, help="behaviours per split (default 50)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -267,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     seed_seconds: list[float | None] = []
     # Trained methods first: the untrained base is the shortest job and fills the last gap.
     order = sorted(args.methods, key=lambda m: METHODS[m] is None)
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         wall = os.path.join(args.work, f"seed{seed}_wall.json")
         reused = [m for m in args.methods if args.reuse and reusable(saved_result(result_path(args.work, m, seed)), args.n)]
         start = time.perf_counter()

@@ -36,6 +36,16 @@ def test_organism_table_runs_on_the_tiny_organism(tmp_path, quick_suite):
     assert checkpoint.stat().st_mtime_ns == written
     again = json.loads((out / "organism_table.json").read_text())
     assert again["methods"]["refusal_sft"]["train_seconds"]["mean"] == table["methods"]["refusal_sft"]["train_seconds"]["mean"]
+    # A later seed measured on its own joins the earlier ones in a table of every seed, without running again.
+    organism_table.main(["--methods", "base", "--n", "2", "--jobs", "1", "--first-seed", "1", "--seeds", "1",
+                         "--out", str(tmp_path / "seed1"), "--work", str(tmp_path / "work"), *extra])
+    seed1 = tmp_path / "work" / "base_seed1_result.json"
+    written = seed1.stat().st_mtime_ns
+    organism_table.main(["--methods", "base", "--n", "2", "--jobs", "1", "--seeds", "2", "--reuse",
+                         "--out", str(out), "--work", str(tmp_path / "work"), *extra])
+    assert seed1.stat().st_mtime_ns == written
+    both = json.loads((out / "organism_table.json").read_text())
+    assert both["seeds"] == 2 and len(both["methods"]["base"]["asr"]["prefill"]["train"]["intervals"]) == 2
 
 
 def test_frontier_measures_each_setting_of_a_methods_knob(tmp_path, quick_suite):
