@@ -129,12 +129,15 @@ class AttackResult:
     """What an attack returns: one response per behaviour; for gradient attacks the mean target loss
     of the behaviours still attacked at the first and at the last step; for attacks with a budget
     axis (``Attack.curve_budgets``), the budget at which each behaviour was first judged broken
-    (None: never)."""
+    (None: never); for attacks that write text into the prompt (GCG), per behaviour the text of the
+    kept response's prompt: the suffix, which follows the request after a space and can be replayed
+    or transferred."""
 
     responses: list[str]
     loss_first: float | None = None
     loss_last: float | None = None
     broken_at: list[int | None] | None = None
+    prompts: list[str | None] | None = None
 
     def broken_within(self, budgets: Sequence[int]) -> list[int]:
         """Per budget, the behaviours broken within it."""
@@ -169,20 +172,24 @@ class Attack:
 
 
 class SnapshotBook:
-    """Keeps, per behaviour, the first successful snapshot response (else the latest one) and the
-    budget at which it was found."""
+    """Keeps, per behaviour, the first successful snapshot response (else the latest one), the
+    budget at which it was found and, for attacks that write text, the prompt text it answered."""
 
     def __init__(self, records: Sequence[Record], judge):
         self.records, self.judge = records, judge
         self.responses: list[str | None] = [None] * len(records)
+        self.prompts: list[str | None] = [None] * len(records)
         self.broken = torch.zeros(len(records), dtype=torch.bool)
         self.broken_at: list[int | None] = [None] * len(records)
 
-    def add(self, rows: Sequence[int], responses: Sequence[str], budget: int | None = None) -> None:
-        for row, response in zip(rows, responses):
+    def add(self, rows: Sequence[int], responses: Sequence[str], budget: int | None = None,
+            prompts: Sequence[str] | None = None) -> None:
+        for i, (row, response) in enumerate(zip(rows, responses)):
             if self.broken[row]:
                 continue
             self.responses[row] = response
+            if prompts is not None:
+                self.prompts[row] = prompts[i]
             if self.judge is not None and self.judge(self.records[row], response) == "success":
                 self.broken[row] = True
                 self.broken_at[row] = budget

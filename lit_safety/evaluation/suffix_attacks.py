@@ -99,6 +99,11 @@ class GradientAttack(Attack):
         on them)."""
         raise NotImplementedError
 
+    def texts(self, state: dict, which: Tensor) -> list[str] | None:
+        """The text the attack wrote into the prompts of the rows ``which``; None for attacks whose
+        prompt is not text (embedding vectors, perturbations)."""
+        return None
+
     def run(self, model, formatter: ChatFormatter, records: Sequence[Record], judge=None) -> AttackResult:
         book = SnapshotBook(records, judge)
         checkpoints = snapshot_steps(self.steps, self.snapshots)
@@ -114,8 +119,9 @@ class GradientAttack(Attack):
                     self._attack(model, formatter, state, rows, book, checkpoints, restart * self.steps, losses)
                     if restart == 0:
                         bar.update(len(chunk))
+        written = any(p is not None for p in book.prompts)
         return AttackResult(book.responses, losses[0] if losses else None, losses[-1] if losses else None,
-                            book.broken_at)
+                            book.broken_at, book.prompts if written else None)
 
     def curve_budgets(self) -> list[int]:
         total = self.steps * self.restarts
@@ -154,7 +160,8 @@ class GradientAttack(Attack):
         embeddings, attention = self.prompt(model, state, which)
         tokens = greedy_from_embeddings(model, embeddings, attention, self.max_new_tokens,
                                         formatter.tokenizer.eos_token_id)
-        book.add([r for r, w in zip(rows, which.tolist()) if w], decode(formatter, tokens), max(budget, 1))
+        book.add([r for r, w in zip(rows, which.tolist()) if w], decode(formatter, tokens), max(budget, 1),
+                 self.texts(state, which))
 
 
 @dataclass
@@ -417,6 +424,9 @@ class GCGAttack(SuffixAttack):
     def select(self, state: dict, keep: Tensor) -> dict:
         return {**state, "parts": [p for p, k in zip(state["parts"], keep.tolist()) if k],
                 "suffixes": state["suffixes"][keep], "prefix": state["prefix"].select(keep)}
+
+    def texts(self, state: dict, which: Tensor) -> list[str]:
+        return [state["tokenizer"].decode(s) for s in state["suffixes"][which].tolist()]
 
     def _step(self, model, tokenizer, parts: list[Parts], suffixes: Tensor, allowed: Tensor, generator,
               prefix: PrefixCache, prefix_rows: Tensor) -> Tensor:

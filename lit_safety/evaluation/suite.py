@@ -77,7 +77,8 @@ class SafetyEvaluation(L.Callback):
             (``lit_safety.evaluation.fidelity.FidelityMeasures``).
         fidelity_tokens: completion tokens the token agreement covers.
         keep_responses: keep up to this many responses per attack and split in the results (this
-            rank's), e.g. to compare two models' answers.
+            rank's), e.g. to compare two models' answers; for attacks that write text into the prompt
+            (GCG), their suffixes beside them (``prompts``), to read or replay what broke a model.
         merge_adapters: attack a copy of the model with its LoRA weights merged into the base (the
             same function, no adapter branch in every layer: about 1.5x faster on the organism on a
             CPU; costs one more copy of the weights). Attacks that train the adapters
@@ -114,6 +115,7 @@ class SafetyEvaluation(L.Callback):
         self.merge_adapters = merge_adapters
         self._merged = None  # the merged copy, made once per prepare() (the model does not change in between)
         self.responses: dict[str, dict[str, list[str]]] = {}
+        self.prompts: dict[str, dict[str, list[str | None]]] = {}
         # "attack|split", "strict/attack|split", "worst_case[_inference]|split" -> VerdictRates; "curve/attack|split" ->
         # BudgetCurve; "kl|split" -> MeanMetric
         self.metrics = nn.ModuleDict()
@@ -164,7 +166,7 @@ class SafetyEvaluation(L.Callback):
                 self.fidelity.prepare(keys, [s for s, harmful in splits.items() if not harmful], device)
         self.projected = defaultdict(list)
         self.seconds = defaultdict(float)
-        self.responses = {}
+        self.responses, self.prompts = {}, {}
         self._merged = None
 
     def check_layers(self, num_layers: int) -> None:
@@ -202,7 +204,7 @@ class SafetyEvaluation(L.Callback):
             if f"curve/{attack.name}|{split}" in self.metrics:
                 curve = self.metrics[f"curve/{attack.name}|{split}"]
                 curve.update(result.broken_within(curve.budgets), len(harmful))
-            self._keep(attack.name, split, responses)
+            self._keep(attack.name, split, responses, result.prompts)
             if self.fidelity is not None and reference is not None:
                 self.fidelity.update_harmful(model, formatter, attack.name, split, harmful, responses, verdicts,
                                              reference)
@@ -232,9 +234,12 @@ class SafetyEvaluation(L.Callback):
             self._merged = copy.deepcopy(model).merge_and_unload().eval()
         return self._merged
 
-    def _keep(self, attack: str, split: str, responses: Sequence[str]) -> None:
+    def _keep(self, attack: str, split: str, responses: Sequence[str], prompts: Sequence[str | None] | None = None) -> None:
         kept = self.responses.setdefault(attack, {}).setdefault(split, [])
-        kept += list(responses)[: self.keep_responses - len(kept)]
+        room = self.keep_responses - len(kept)
+        kept += list(responses)[:room]
+        if prompts is not None:
+            self.prompts.setdefault(attack, {}).setdefault(split, []).extend(list(prompts)[:room])
 
     def _attacks_for(self, split: str) -> list[Attack]:
         return [a for a in self.attacks if split in self.attack_splits.get(a.name, [split])]
@@ -292,6 +297,8 @@ class SafetyEvaluation(L.Callback):
             out.update(self.fidelity.results())
         if self.keep_responses:
             out["responses"] = self.responses
+            if self.prompts:
+                out["prompts"] = self.prompts
         self._merged = None  # one copy of the weights less once the results are in
         if self.judge_name == "refusal_prefix":
             out["judge"] = "refusal_prefix (PROXY: counts every non-refusal as success)"
