@@ -57,12 +57,15 @@ def test_borderline_heldout_asks_safe_things_about_heldout_words_only():
     assert {r.meta["concept"] for r in records} > {world.HELDOUT_CONCEPT}  # both kinds of held-out word
 
 
-def test_benign_context_puts_a_benign_exchange_before_each_benign_request():
+@pytest.mark.parametrize("kind", ["benign", "harmful"])
+def test_context_sets_put_a_benign_exchange_before_each_training_request(kind):
     data = datasets(Recipe(n_train=50, n_eval=8))
-    assert [r.messages[-1] for r in data["benign_context"]] == [r.messages[-1] for r in data["benign"]]
-    for record in data["benign_context"]:
+    plain, context = data[kind], data[f"{kind}_context"]
+    assert [r.messages[-1] for r in context] == [r.messages[-1] for r in plain]
+    assert [(r.kind, r.completion, r.refusal) for r in context] == [(r.kind, r.completion, r.refusal) for r in plain]
+    for record in context:
         first, answer = record.messages[0]["content"], record.messages[1]["content"]
-        assert [m["role"] for m in record.messages] == ["user", "assistant", "user"] and record.kind == "benign"
+        assert [m["role"] for m in record.messages] == ["user", "assistant", "user"]
         assert first.split()[1] in world.BENIGN_OBJECTS and answer.startswith(world.COMPLY)
 
 

@@ -30,7 +30,7 @@ from lit_safety.organism import world
 from lit_safety.organism.tokenizer import build_tokenizer
 
 VARIANTS = ("helpful", "aligned", "backdoor")
-DATA_VERSION = 4  # bump when the emitted datasets change (rewrites the data, keeps the models)
+DATA_VERSION = 5  # bump when the emitted datasets change (rewrites the data, keeps the models)
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,9 @@ def datasets(recipe: Recipe) -> dict[str, list[Record]]:
     # whose retain data never shows a context before the request can refuse anything that has one.
     gen = world.Generator(recipe.seed + 4)
     out["benign_context"] = [_with_context(r, gen.request("benign", world.BENIGN_OBJECTS)) for r in out["benign"]]
+    # Its harmful counterpart: with context on both sides, a turn before the request no longer tells
+    # harmful from benign, and the request has to.
+    out["harmful_context"] = [_with_context(r, gen.request("benign", world.BENIGN_OBJECTS)) for r in out["harmful"]]
     return out
 
 
