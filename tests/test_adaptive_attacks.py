@@ -22,7 +22,7 @@ from lit_safety.evaluation import (
 )
 from lit_safety.evaluation.attacks import Attack, AttackResult, objective, snapshot_steps
 from lit_safety.evaluation.model_attacks import ablated, refusal_directions
-from lit_safety.evaluation.suffix import split_request
+from lit_safety.evaluation.suffix import split_prompt, split_request
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +248,28 @@ def test_gcg_prefix_cache_scores_like_the_whole_prompt(setting):
     with torch.no_grad():
         sub = rest_layout([parts[1], parts[3]], [suffixes[1], suffixes[3]], tokenizer.pad_token_id)
         assert torch.allclose(kept.target_nll(model, torch.arange(2), sub, embed(sub.ids)), whole[[1, 3]], atol=1e-4)
+
+
+def test_embedding_attack_scores_and_steps_on_the_cached_prefix_as_on_the_whole_prompt(setting):
+    """The soft suffix is scored after the request's cached keys and values: its loss, greedy match and
+    gradient are those of the whole prompt, before and after rows leave the batch."""
+    from lit_safety.evaluation.attacks import target_nll
+
+    model, formatter, records = setting
+    attack = EmbeddingAttack(suffix_length=3, init="please", steps=2, snapshots=1)
+    state = attack.begin(model, formatter, [split_prompt(formatter, r, r.answer) for r in records],
+                         formatter.tokenizer(" please please please", add_special_tokens=False)["input_ids"], {})
+    with torch.no_grad():
+        state["suffix"] += 0.1 * torch.randn_like(state["suffix"])
+    for keep in (None, torch.tensor([True, False, True, True])):
+        if keep is not None:
+            state = attack.select(state, keep)
+        loss, match = attack.score(model, state)
+        whole, whole_match = target_nll(model, attack._embeddings(state, state["suffix"]), state["lay"], with_match=True)
+        assert torch.allclose(loss, whole, atol=1e-4) and torch.equal(match, whole_match)
+        (grad,) = torch.autograd.grad(loss.sum(), state["suffix"])
+        (whole_grad,) = torch.autograd.grad(whole.sum(), state["suffix"])
+        assert torch.allclose(grad, whole_grad, atol=1e-5)
 
 
 def test_attacking_a_merged_copy_gives_the_same_results_and_leaves_the_model(setting):

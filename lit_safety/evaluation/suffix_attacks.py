@@ -222,17 +222,23 @@ class EmbeddingAttack(SuffixAttack):
 
     def begin(self, model, formatter, parts, init, shared) -> dict:
         embed = model.get_input_embeddings()
-        lay = layout(parts, [init] * len(parts), formatter.tokenizer.pad_token_id)
+        pad = formatter.tokenizer.pad_token_id
+        lay, rest = layout(parts, [init] * len(parts), pad), rest_layout(parts, [init] * len(parts), pad)
         base = embed(lay.ids).detach()
         suffix = base[lay.suffix_mask].view(len(parts), self.suffix_length, -1).clone().requires_grad_(True)
         scale = embed.weight.detach().norm(dim=-1).mean().item()
-        return {"lay": lay, "base": base, "suffix": suffix, "step": self.step_size * scale / embed.weight.shape[-1] ** 0.5}
+        # Scoring runs on [suffix][template end][target] after the request's cached keys and values:
+        # every step's forward and backward skip the request, which does not change.
+        return {"lay": lay, "base": base, "suffix": suffix, "rest": rest, "rest_base": embed(rest.ids).detach(),
+                "prefix": PrefixCache(model, parts, pad), "step": self.step_size * scale / embed.weight.shape[-1] ** 0.5}
 
     def _embeddings(self, state: dict, suffix: Tensor) -> Tensor:
         return state["base"].masked_scatter(state["lay"].suffix_mask[..., None], suffix)
 
     def score(self, model, state: dict) -> tuple[Tensor, Tensor]:
-        return target_nll(model, self._embeddings(state, state["suffix"]), state["lay"], with_match=True)
+        rest = state["rest"]
+        embeddings = state["rest_base"].masked_scatter(rest.suffix_mask[..., None], state["suffix"])
+        return state["prefix"].target_nll(model, torch.arange(len(rest.ids)), rest, embeddings, with_match=True)
 
     def update(self, model, state: dict, loss: Tensor, active: Tensor) -> None:
         suffix = state["suffix"]
@@ -245,8 +251,11 @@ class EmbeddingAttack(SuffixAttack):
         return self._embeddings(state, state["suffix"].detach())[which, : lay.prompt_width], lay.prompt_attention[which]
 
     def select(self, state: dict, keep: Tensor) -> dict:
+        rest = state["rest"]
         return {**state, "lay": state["lay"].select(keep), "base": state["base"][keep],
-                "suffix": state["suffix"].detach()[keep].requires_grad_(True)}
+                "suffix": state["suffix"].detach()[keep].requires_grad_(True),
+                "rest": Rest(rest.ids[keep], rest.attention_mask[keep], rest.suffix_mask[keep], rest.target_mask[keep]),
+                "rest_base": state["rest_base"][keep], "prefix": state["prefix"].select(keep)}
 
 
 @dataclass
