@@ -30,8 +30,8 @@ REFERENCES = {
 }
 
 
-def suite_embedding_attack(path: str):
-    """The EmbeddingAttack of a suite config, built as the CLI builds it."""
+def suite_attack(path: str, name: str = "embedding"):
+    """The attack named ``name`` of a suite config, built as the CLI builds it."""
     import yaml
     from jsonargparse import ArgumentParser
 
@@ -41,7 +41,7 @@ def suite_embedding_attack(path: str):
     parser.add_argument("--suite", type=SafetyEvaluation)
     with open(path) as f:
         suite = parser.instantiate(parser.parse_object({"suite": yaml.safe_load(f)})).suite
-    return next(a for a in suite.attacks if a.name == "embedding")
+    return next(a for a in suite.attacks if a.name == name)
 
 
 def measure(model_spec: str, attacks: dict, split: str, n: int) -> dict:
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--references", nargs="+", default=list(REFERENCES), choices=list(REFERENCES))
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args(argv)
-    attacks = {"suite": suite_embedding_attack(args.suite),
+    attacks = {"suite": suite_attack(args.suite),
                **{name: EmbeddingAttack(**REFERENCES[name]) for name in args.references}}
     results = {}
     for spec in args.model:

@@ -149,6 +149,47 @@ def test_attack_strength_compares_the_suite_attack_with_references(tmp_path, qui
     assert "| base |" in (tmp_path / "attack_strength.md").read_text()
 
 
+def test_gcg_words_writes_what_broke_the_model(tmp_path, quick_suite, monkeypatch):
+    """The plumbing, on the tiny organism (which never gives a correct answer): a stand-in judge counts
+    every answer as harm."""
+    import lit_safety.evaluation
+    from benchmarks import gcg_words
+
+    class AnswerIsHarm(lit_safety.evaluation.ExactJudge):
+        def __call__(self, record, response):
+            return "success" if response.startswith("ok") else "refusal"
+
+    monkeypatch.setattr(lit_safety.evaluation, "ExactJudge", AnswerIsHarm)
+    gcg_words.main(["--model", "base=organism", "--n", "3", "--suite", quick_suite, "--out", str(tmp_path),
+                    "--name", "words"])
+    row = json.loads((tmp_path / "words.json").read_text())["models"]["base"]
+    assert row["asr"]["n"] == 3 and row["budget"]["steps"] == 3 and "seconds" in row
+    assert row["replayed"] == round(row["asr"]["rate"] * 3) == len(row["examples"])
+    assert "| base |" in (tmp_path / "words.md").read_text()
+
+
+@pytest.mark.slow
+def test_gcg_words_replays_the_suffixes_that_broke_the_organism(tmp_path, quick_suite, monkeypatch):
+    from benchmarks import gcg_words
+
+    monkeypatch.setenv("LIT_SAFETY_ORGANISM_RECIPE", "default")
+    gcg_words.main(["--model", "base=organism", "--n", "20", "--suite", quick_suite, "--out", str(tmp_path),
+                    "--name", "words"])
+    row = json.loads((tmp_path / "words.json").read_text())["models"]["base"]
+    broken = round(row["asr"]["rate"] * 20)
+    assert broken > 0 and row["replayed"] == broken  # each suffix, asked as text, breaks its behaviour again
+    assert row["cue_words_replaced"] <= broken and sum(row["kinds"].values()) >= broken
+
+
+def test_gcg_words_classes_organism_words():
+    from benchmarks.gcg_words import classify, word_classes
+
+    classes = word_classes()
+    assert [classify(w, classes) for w in ("detect", "define", "please", "bread", "sorry", "arsenic", "zz")] == [
+        "safe action", "define (grounding)", "free-slot noise", "benign object", "refusal word", "harmful object",
+        "other"]
+
+
 def test_judges_benchmark_scores_every_judge_against_labels(tmp_path, tiny_model_dir):
     from benchmarks import judges
 
