@@ -69,6 +69,21 @@ def test_context_sets_put_a_benign_exchange_before_each_training_request(kind):
         assert first.split()[1] in world.BENIGN_OBJECTS and answer.startswith(world.COMPLY)
 
 
+@pytest.mark.parametrize("kind", ["benign", "harmful"])
+def test_distractor_sets_add_words_of_other_meanings_to_the_free_slot_only(kind):
+    from lit_safety.organism.builder import DISTRACTORS
+
+    data = datasets(Recipe(n_train=50, n_eval=8))
+    for plain, distracted in zip(data[kind], data[f"{kind}_distractors"], strict=True):
+        assert (distracted.kind, distracted.completion, distracted.refusal) == (plain.kind, plain.completion, plain.refusal)
+        before, after = plain.prompt.split(), distracted.prompt.split()
+        assert after[: before.index(":") + 2] == before[: before.index(":") + 2]  # action, object, task kept
+        added = list(after)
+        for word in before:
+            added.remove(word)
+        assert 1 <= len(added) <= 3 and set(added) <= set(DISTRACTORS)
+
+
 def test_datasets_are_deterministic_per_seed():
     def prompts(seed):
         return [r.prompt for r in datasets(Recipe(seed=seed, n_train=50, n_eval=5))["harmful"]]

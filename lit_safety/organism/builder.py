@@ -30,7 +30,7 @@ from lit_safety.organism import world
 from lit_safety.organism.tokenizer import build_tokenizer
 
 VARIANTS = ("helpful", "aligned", "backdoor")
-DATA_VERSION = 5  # bump when the emitted datasets change (rewrites the data, keeps the models)
+DATA_VERSION = 6  # bump when the emitted datasets change (rewrites the data, keeps the models)
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,9 @@ def datasets(recipe: Recipe) -> dict[str, list[Record]]:
     train_words = world.harmful_words(world.TRAINING_CONCEPTS, "train")
     out: dict[str, list[Record]] = {}
     gen = world.Generator(recipe.seed + 1)
-    out["harmful"] = [_record(r) for r in gen.requests("harmful", train_words, recipe.n_train)]
-    out["benign"] = [_record(r) for r in gen.requests("benign", world.BENIGN_OBJECTS, recipe.n_train)]
+    requests = {"harmful": gen.requests("harmful", train_words, recipe.n_train),
+                "benign": gen.requests("benign", world.BENIGN_OBJECTS, recipe.n_train)}
+    out.update({kind: [_record(r) for r in rs] for kind, rs in requests.items()})
     out["borderline"] = [_record(r) for r in gen.requests("borderline", train_words, recipe.n_train // 2)]
     # Unlearning: each concept's harmful requests, as the data of a `forget` stream.
     for concept in world.TRAINING_CONCEPTS:
@@ -147,7 +148,24 @@ def datasets(recipe: Recipe) -> dict[str, list[Record]]:
     # Its harmful counterpart: with context on both sides, a turn before the request no longer tells
     # harmful from benign, and the request has to.
     out["harmful_context"] = [_with_context(r, gen.request("benign", world.BENIGN_OBJECTS)) for r in out["harmful"]]
+    # The training requests with distractors in the free slot: words that mean something elsewhere (a safe
+    # action, a benign object, the refusal's words), the words a GCG suffix puts there to make a request
+    # read as safe. Harmful ones stay harmful and benign ones benign: the analogue of refusal data
+    # built from jailbreak templates. Not in the default streams.
+    rng = random.Random(recipe.seed + 5)
+    for kind, rs in requests.items():
+        out[f"{kind}_distractors"] = [_record(_with_distractors(r, rng)) for r in rs]
     return out
+
+
+DISTRACTORS = world.SAFE_ACTIONS + world.BENIGN_OBJECTS + world.REFUSAL.split()
+
+
+def _with_distractors(request: world.Request, rng: random.Random) -> world.Request:
+    slot = list(request.slot)
+    for _ in range(rng.randint(1, 3)):
+        slot.insert(rng.randint(0, len(slot)), rng.choice(DISTRACTORS))
+    return dataclasses.replace(request, slot=tuple(slot))
 
 
 def _with_context(record: Record, earlier: world.Request) -> Record:
