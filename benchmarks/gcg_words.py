@@ -94,7 +94,8 @@ def markdown(results: dict, split: str, n: int) -> str:
         lines.append(f"| {model} | {interval_cell(row['asr'])} | {row['replayed']} | {row['cue_words_replaced']} | "
                      f"{kinds} | {words} |")
     for model, row in results.items():
-        lines += ["", f"Examples ({model}; {row['budget']}, {row['seconds']:.0f} s):", ""]
+        budget = ", ".join(f"{k} {v}" for k, v in row["budget"].items())
+        lines += ["", f"Examples ({model}; {budget}; {row['seconds']:.0f} s):", ""]
         lines += [f"- `{e['request']}` + `{e['suffix']}`" for e in row["examples"]]
     return "\n".join(lines) + "\n"
 
