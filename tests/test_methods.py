@@ -73,6 +73,13 @@ def test_embedding_noise_moves_each_token_by_its_share_of_its_norm_in_training_o
     moved = noisy_embeddings(layer.train(), embeddings, 0.2) - embeddings
     assert torch.allclose(moved.norm(dim=-1), torch.tensor([[1.0, 0.2]]))
     assert torch.equal(noisy_embeddings(layer.eval(), embeddings, 0.2), embeddings)
+    # Shrinking scales each token by its own factor in [1 - shrink, 1], direction kept; unchosen rows stay.
+    batch = torch.cat([embeddings.repeat(1, 200, 1), embeddings.repeat(1, 200, 1)])
+    shrunk = noisy_embeddings(layer.train(), batch, 0.0, rows=torch.tensor([True, False]), shrink=0.4)
+    ratio = shrunk[0].norm(dim=-1) / batch[0].norm(dim=-1)
+    assert ratio.min() >= 0.6 - 1e-6 and ratio.max() <= 1 + 1e-6 and ratio.max() - ratio.min() > 0.3
+    assert torch.allclose(torch.nn.functional.cosine_similarity(shrunk[0], batch[0], dim=-1), torch.ones(400))
+    assert torch.equal(shrunk[1], batch[1])
 
     module = RefusalSFTModule(embedding_noise=0.5)
     module.configure_model()
@@ -87,6 +94,13 @@ def test_embedding_noise_moves_each_token_by_its_share_of_its_norm_in_training_o
     assert not module.model.get_input_embeddings()._forward_hooks
     with pytest.raises(ValueError, match="embedding_noise"):
         RefusalSFTModule(embedding_noise=-0.1)
+    with pytest.raises(ValueError, match="embedding_shrink"):
+        RefusalSFTModule(embedding_shrink=1.0)
+    module = RefusalSFTModule(embedding_shrink=0.5)  # shrinking alone reaches the model too
+    module.configure_model()
+    module.train()
+    with module.embedding_noise():
+        assert not torch.equal(module.model(ids).logits, module.model(ids).logits)
 
 
 def _without_padding(row: torch.Tensor) -> torch.Tensor:

@@ -44,17 +44,20 @@ CALIBRATION_KEY = "lit_safety_calibration"
 STATE_KEY = "lit_safety_training_state"
 
 
-def noisy_embeddings(module: torch.nn.Module, embeddings: Tensor, scale: float, rows: Tensor | None = None) -> Tensor:
-    """``embeddings`` [B, T, D] with each token moved by ``scale`` times its own norm in a uniformly
-    random direction, when ``module`` is in training mode (else unchanged); ``rows`` [B] (bool), if
-    given, picks the rows that move."""
+def noisy_embeddings(module: torch.nn.Module, embeddings: Tensor, scale: float, rows: Tensor | None = None,
+                     shrink: float = 0.0) -> Tensor:
+    """``embeddings`` [B, T, D] with each token scaled by a factor drawn uniformly from
+    [1 - ``shrink``, 1], then moved by ``scale`` times its own (unscaled) norm in a uniformly random
+    direction, when ``module`` is in training mode (else unchanged); ``rows`` [B] (bool), if given,
+    picks the rows that change."""
     if not module.training:
         return embeddings
+    chosen = (torch.ones(embeddings.shape[0], device=embeddings.device, dtype=embeddings.dtype) if rows is None
+              else rows.to(embeddings.device, embeddings.dtype))[:, None, None]
     direction = torch.randn_like(embeddings)
     direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    if rows is not None:
-        direction = direction * rows.to(direction.device, direction.dtype)[:, None, None]
-    return embeddings + scale * embeddings.detach().norm(dim=-1, keepdim=True) * direction
+    factor = 1 - shrink * chosen * torch.rand(*embeddings.shape[:-1], 1, device=embeddings.device, dtype=embeddings.dtype)
+    return embeddings * factor + scale * embeddings.detach().norm(dim=-1, keepdim=True) * direction * chosen
 
 
 class SafetyModule(L.LightningModule):
@@ -80,6 +83,10 @@ class SafetyModule(L.LightningModule):
             capability. Like dropout it acts only in training mode: the reference, the inner adversaries
             and miners, validation and evaluation see the tokens as they are (but see
             ``noisy_adversaries``).
+        embedding_shrink: in the same passes, every token embedding is first scaled by a factor drawn
+            uniformly from [1 - embedding_shrink, 1] (0: off). Rare words have shorter embeddings than
+            common ones (the organism's held-out synonyms about half their training synonyms' norm):
+            a refusal learned on shortened tokens must hold where a harmful word is only weakly known.
         noisy_adversaries: the method's inner adversaries (the triplet's miners, LAT's adversary)
             optimise under ``embedding_noise`` too, each of their steps a fresh draw: the perturbation
             they return then breaks the refusal across the neighbourhood of each request the model
@@ -106,6 +113,7 @@ class SafetyModule(L.LightningModule):
         quantization: Quantization | None = None,
         gradient_checkpointing: bool = False,
         embedding_noise: float = 0.0,
+        embedding_shrink: float = 0.0,
         noisy_adversaries: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
@@ -115,10 +123,13 @@ class SafetyModule(L.LightningModule):
             raise ValueError(f"lora_rank must be >= 1, got {lora_rank}")
         if embedding_noise < 0:
             raise ValueError(f"embedding_noise must be >= 0, got {embedding_noise}")
+        if not 0 <= embedding_shrink < 1:
+            raise ValueError(f"embedding_shrink must be in [0, 1), got {embedding_shrink}")
         if noisy_adversaries and not self.inner_adversaries:
             raise ValueError(f"noisy_adversaries: {type(self).__name__} has no inner adversary to optimise under noise")
-        if noisy_adversaries and not embedding_noise:
-            raise ValueError("noisy_adversaries: the adversaries optimise under embedding_noise, which is 0")
+        if noisy_adversaries and not (embedding_noise or embedding_shrink):
+            raise ValueError("noisy_adversaries: the adversaries optimise under embedding_noise and embedding_shrink, "
+                             "which are 0")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -256,13 +267,14 @@ class SafetyModule(L.LightningModule):
 
     def embedding_noise(self, rows: Tensor | None = None):
         """Context for a method's passes over harmful requests: in training mode they see
-        ``embedding_noise`` on their token embeddings (``rows``: only those rows of a joint pass).
+        ``embedding_shrink`` and ``embedding_noise`` on their token embeddings (``rows``: only those rows of a joint pass).
         The hook lives only within the block: a copy of the model made for evaluation (the tampering
         attack fine-tunes one in training mode) must not carry it."""
-        if not self.hparams.embedding_noise:
+        noise, shrink = self.hparams.embedding_noise, self.hparams.embedding_shrink
+        if not (noise or shrink):
             return contextlib.nullcontext()
         embeddings = self.model.get_input_embeddings()
-        return edit_output(embeddings, lambda h: noisy_embeddings(embeddings, h, self.hparams.embedding_noise, rows))
+        return edit_output(embeddings, lambda h: noisy_embeddings(embeddings, h, noise, rows, shrink))
 
     def adversary_noise(self):
         """Context for the inner adversaries' optimisation: ``embedding_noise`` if
