@@ -12,7 +12,6 @@ configs/suite.yaml (or --suite).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -21,7 +20,7 @@ import time
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import ROOT, atomic_write, interval_cell
+from benchmarks.common import attack_parser, atomic_write, interval_cell, named_models
 
 REFERENCES = {
     "10 x 300 from please": {"suffix_length": 10, "steps": 300, "snapshots": 12, "init": "please"},
@@ -84,20 +83,12 @@ def markdown(results: dict, split: str, n: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     from lit_safety.evaluation import EmbeddingAttack
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", required=True, help="name=checkpoint, adapter or model name")
-    parser.add_argument("--split", default="heldout_synonym")
-    parser.add_argument("--n", type=int, default=100)
-    parser.add_argument("--suite", default=os.path.join(ROOT, "configs", "suite.yaml"))
+    parser = attack_parser(__doc__)
     parser.add_argument("--references", nargs="+", default=list(REFERENCES), choices=list(REFERENCES))
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args(argv)
     attacks = {"suite": suite_attack(args.suite),
                **{name: EmbeddingAttack(**REFERENCES[name]) for name in args.references}}
-    results = {}
-    for spec in args.model:
-        name, _, path = spec.partition("=")
-        results[name] = measure(path or name, attacks, args.split, args.n)
+    results = {name: measure(path, attacks, args.split, args.n) for name, path in named_models(args.model)}
     atomic_write(os.path.join(args.out, "attack_strength.json"),
                  json.dumps({"split": args.split, "n": args.n, "models": results}, indent=1))
     atomic_write(os.path.join(args.out, "attack_strength.md"), markdown(results, args.split, args.n))

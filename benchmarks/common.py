@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -75,3 +76,20 @@ def organism_builds(runs: list[dict]) -> list[str]:
     """The organism builds (weights checksum, 12 digits) ``runs`` were measured on; results from before
     the build was recorded name none."""
     return sorted({r["base_model"]["sha256"][:12] for r in runs if r.get("base_model")})
+
+
+def attack_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of a benchmark that attacks models on one organism split: ``--model name=path``
+    (repeatable), ``--split``, ``--n``, the suite config its attack comes from and ``--out``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", required=True, help="name=checkpoint, adapter or model name")
+    parser.add_argument("--split", default="heldout_synonym")
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--suite", default=os.path.join(ROOT, "configs", "suite.yaml"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    return parser
+
+
+def named_models(specs: list[str]) -> list[tuple[str, str]]:
+    """(name, what to load) of each ``--model name=path`` (a bare name loads itself, e.g. organism)."""
+    return [(name, path or name) for name, _, path in (spec.partition("=") for spec in specs)]

@@ -10,7 +10,6 @@ not a free-slot noise word replaced by "please". Writes benchmarks/results/<name
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import json
@@ -22,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.attack_strength import suite_attack
-from benchmarks.common import ROOT, atomic_write, interval_cell
+from benchmarks.common import attack_parser, atomic_write, interval_cell, named_models
 
 
 def word_classes() -> dict[str, set[str]]:
@@ -101,19 +100,11 @@ def markdown(results: dict, split: str, n: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", required=True, help="name=checkpoint, adapter or model name")
-    parser.add_argument("--split", default="heldout_synonym")
-    parser.add_argument("--n", type=int, default=100)
-    parser.add_argument("--suite", default=os.path.join(ROOT, "configs", "suite.yaml"))
+    parser = attack_parser(__doc__)
     parser.add_argument("--name", default="gcg_words", help="file name of the results (default gcg_words)")
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args(argv)
     attack = suite_attack(args.suite, "gcg")
-    results = {}
-    for spec in args.model:
-        name, _, path = spec.partition("=")
-        results[name] = measure(path or name, attack, args.split, args.n)
+    results = {name: measure(path, attack, args.split, args.n) for name, path in named_models(args.model)}
     atomic_write(os.path.join(args.out, f"{args.name}.json"),
                  json.dumps({"split": args.split, "n": args.n, "models": results}, indent=1))
     atomic_write(os.path.join(args.out, f"{args.name}.md"), markdown(results, args.split, args.n))
