@@ -56,8 +56,11 @@ def noisy_embeddings(module: torch.nn.Module, embeddings: Tensor, scale: float, 
               else rows.to(embeddings.device, embeddings.dtype))[:, None, None]
     direction = torch.randn_like(embeddings)
     direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    moved = embeddings + scale * embeddings.detach().norm(dim=-1, keepdim=True) * direction * chosen
+    if not shrink:  # no draw: noise alone keeps the random stream it always had
+        return moved
     factor = 1 - shrink * chosen * torch.rand(*embeddings.shape[:-1], 1, device=embeddings.device, dtype=embeddings.dtype)
-    return embeddings * factor + scale * embeddings.detach().norm(dim=-1, keepdim=True) * direction * chosen
+    return moved - (1 - factor) * embeddings
 
 
 class SafetyModule(L.LightningModule):
