@@ -11,7 +11,6 @@ not a free-slot noise word replaced by "please". Writes benchmarks/results/<name
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import os
 import sys
@@ -41,10 +40,7 @@ def classify(word: str, classes: dict[str, set[str]]) -> str:
 
 def asked_with(record, suffix: str):
     """``record`` with ``suffix`` after its request, as the attack placed it."""
-    messages = [dict(m) for m in record.messages]
-    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-    messages[last_user]["content"] = f"{messages[last_user]['content']} {suffix}"
-    return dataclasses.replace(record, messages=messages)
+    return record.with_prompt(f"{record.prompt} {suffix}")
 
 
 def measure(model_spec: str, attack, split: str, n: int) -> dict:

@@ -16,6 +16,7 @@ from lit_safety.data import (
     register_dataset_resolver,
     require_chat_template,
 )
+from lit_safety.data.records import Record
 from lit_safety.named import DATASET_RESOLVERS
 
 ROWS = [
@@ -60,6 +61,16 @@ def test_messages_transcript_takes_last_assistant_turn_as_completion(tmp_path):
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok : hi"}]}]
     (record,) = load_records(DataSource(write_jsonl(tmp_path / "chat.jsonl", rows), kind="benign"))
     assert record.messages == [{"role": "user", "content": "hi"}] and record.completion == "ok : hi"
+
+
+def test_with_prompt_replaces_the_last_user_turn_only():
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    record = Record(kind="harmful", messages=messages, completion="x", answer="y")
+    changed = record.with_prompt("c please")
+    assert changed.prompt == "c please" and changed.messages[:3] == messages[:3]
+    assert (changed.kind, changed.completion, changed.answer) == ("harmful", "x", "y")
+    assert record.prompt == "c"  # the original is untouched
 
 
 def test_local_hugging_face_dataset_directory(tmp_path):

@@ -124,16 +124,13 @@ def test_gcg_lowers_the_loss_and_never_proposes_special_tokens(setting):
 def test_gcg_keeps_suffixes_that_replay_its_responses(setting):
     """What GCG found is text: the request, a space and the kept suffix, asked as a plain request, is
     answered with the response GCG judged."""
-    import dataclasses
-
     from lit_safety.evaluation.generation import generate
 
     model, formatter, records = setting
     attack = GCGAttack(suffix_length=3, init="please", steps=4, candidates=16, top_k=8, snapshots=2, batch_size=1)
     result = attack.run(model, formatter, records[:3], ExactJudge())
     assert len(result.prompts) == 3 and all(p and p != "please please please" for p in result.prompts)
-    replayed = [dataclasses.replace(r, messages=[{"role": "user", "content": f"{r.prompt} {p}"}])
-                for r, p in zip(records, result.prompts)]
+    replayed = [r.with_prompt(f"{r.prompt} {p}") for r, p in zip(records, result.prompts)]
     assert generate(model, formatter, replayed, batch_size=1) == result.responses
     assert EmbeddingAttack(suffix_length=3, steps=2, snapshots=1).run(model, formatter, records[:1]).prompts is None
     # The suite keeps them beside the responses, as many as it keeps of those; attacks without text have none.

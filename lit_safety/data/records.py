@@ -8,6 +8,7 @@ Fields outside the schema are kept in ``meta``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,13 @@ class Record:
     def prompt(self) -> str:
         """The last user turn, for display and judges."""
         return next(m["content"] for m in reversed(self.messages) if m["role"] == "user")
+
+    def with_prompt(self, content: str) -> Record:
+        """This record with ``content`` as its last user turn (the earlier turns kept)."""
+        messages = [dict(m) for m in self.messages]
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages[last_user]["content"] = content
+        return dataclasses.replace(self, messages=messages)
 
     def to_json(self) -> dict[str, Any]:
         row = {"kind": self.kind, "messages": self.messages}

@@ -43,10 +43,7 @@ def _bos(formatter: ChatFormatter) -> list[int]:
 def _around(formatter: ChatFormatter, record: Record, content: str) -> tuple[str, str]:
     """The chat prompt's text before and after the slot marker, the last user turn's content being
     ``content`` (which holds the marker once)."""
-    messages = [dict(m) for m in record.messages]
-    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-    messages[last_user]["content"] = content
-    text_before, text_after = formatter.prompt_text(messages).split(SENTINEL)
+    text_before, text_after = formatter.prompt_text(record.with_prompt(content).messages).split(SENTINEL)
     return text_before, text_after
 
 
@@ -123,6 +120,10 @@ class Rest:
     attention_mask: Tensor
     suffix_mask: Tensor
     target_mask: Tensor
+
+    def select(self, keep: Tensor) -> Rest:
+        """The rows ``keep`` (a boolean mask) of this layout."""
+        return Rest(self.ids[keep], self.attention_mask[keep], self.suffix_mask[keep], self.target_mask[keep])
 
 
 def rest_layout(parts: Sequence[Parts], suffixes: Sequence[Sequence[int]], pad_token_id: int) -> Rest:
