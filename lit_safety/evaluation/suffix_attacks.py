@@ -251,10 +251,8 @@ class EmbeddingAttack(SuffixAttack):
         return self._embeddings(state, state["suffix"].detach())[which, : lay.prompt_width], lay.prompt_attention[which]
 
     def select(self, state: dict, keep: Tensor) -> dict:
-        rest = state["rest"]
         return {**state, "lay": state["lay"].select(keep), "base": state["base"][keep],
-                "suffix": state["suffix"].detach()[keep].requires_grad_(True),
-                "rest": Rest(rest.ids[keep], rest.attention_mask[keep], rest.suffix_mask[keep], rest.target_mask[keep]),
+                "suffix": state["suffix"].detach()[keep].requires_grad_(True), "rest": state["rest"].select(keep),
                 "rest_base": state["rest_base"][keep], "prefix": state["prefix"].select(keep)}
 
 
