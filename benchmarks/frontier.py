@@ -3,6 +3,7 @@ settings of its main knob, several seeds each. Writes benchmarks/results/frontie
 
     python benchmarks/frontier.py                                  # every method, 3 settings x 3 seeds
     python benchmarks/frontier.py --methods lat refat --seeds 1 --n 50   # keeps the other methods' points
+    python benchmarks/frontier.py --finished                       # tables what has finished, runs nothing
 
 Each (method, setting, seed) is trained and attacked as in benchmarks/organism_table.py (the same
 configs and suite, the knob passed on the command line); "base" is the aligned organism. Worst case:
@@ -11,6 +12,10 @@ worst case leaves out the attacks that change the weights (tampering). The front
 the inference-time worst case (see ``robustness``): a setting is on the frontier when no other
 setting of any method has both lower ASR there and higher chat benign accuracy. The points of methods a run does not sweep are kept from the frontier.json it
 replaces, if that was measured with as many seeds and behaviours.
+
+One (setting, seed) under the whole suite costs an hour or more on two CPU cores, so the frontier
+accumulates: runs finished in --work are reused, and ``--finished`` tables what is there without
+running anything (a setting with fewer finished seeds shows those it has in its seeds column).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import ROOT, atomic_write, organism_builds, spread, spread_cell
-from benchmarks.organism_table import METHODS, evaluate_method
+from benchmarks.organism_table import METHODS, evaluate_method, result_path, reusable, saved_result
 
 # method -> (its main knob, three settings: weaker to stronger)
 KNOBS = {
@@ -38,6 +43,8 @@ KNOBS = {
     "triplet_suffix": ("model.init_args.mining_epsilon", [1.0, 3.0, 10.0]),
     "triplet_suffix_refusal": ("model.init_args.refusal_weight", [0.3, 1.0, 3.0]),
     "refat": ("model.init_args.ablation_probability", [0.25, 0.5, 1.0]),
+    # the best held-out defense is this config with embedding_noise 0.5 on harmful passes: its knob
+    "triplet_suffix_refusal_lengths": ("model.init_args.embedding_noise", [0.25, 0.5, 0.75]),
 }
 HELD_OUT = ("heldout_synonym", "heldout_concept")
 FORMATS = {"A": "chat", "B": "raw", "C": "system turn"}
@@ -86,17 +93,17 @@ def builds_note(points: dict) -> str:
 
 
 def markdown(points: dict, seeds: int, n: int) -> str:
-    base = points["base"]["-"]
     on_frontier = frontier(points)
     lines = [f"Organism frontier: worst-case ASR (exact judge) on held-out behaviours against benign accuracy; "
-             f"{n} behaviours per split, {seeds} seed(s), mean (min-max). * = on the frontier (inference-time worst "
+             f"{n} behaviours per split, {seeds} seed(s) per setting unless its seeds column says fewer (still "
+             "running), mean (min-max). * = on the frontier (inference-time worst "
              "case on held-out synonyms, or the whole suite's where that was not measured apart, against chat "
              "accuracy)." + builds_note(points), "",
              "| method | knob = setting | worst case: synonyms | worst case: concepts | "
              + " | ".join(f"inference-time worst case: {s.split('_')[1]}" for s in HELD_OUT) + " | "
              + " | ".join(f"embedding @{b}: synonyms" for b in EMBEDDING_BUDGETS)
-             + " | benign chat | raw | system turn | train s |",
-             "|---" * (8 + len(HELD_OUT) + len(EMBEDDING_BUDGETS)) + "|"]
+             + " | benign chat | raw | system turn | train s | seeds |",
+             "|---" * (9 + len(HELD_OUT) + len(EMBEDDING_BUDGETS)) + "|"]
     for method, settings in points.items():
         knob = KNOBS.get(method, ("-",))[0].rsplit(".", 1)[-1]
         for setting, p in settings.items():
@@ -108,7 +115,10 @@ def markdown(points: dict, seeds: int, n: int) -> str:
                          + " | ".join(spread_cell(p["embedding"][b]) if b in p.get("embedding", {}) else "—"
                                       for b in EMBEDDING_BUDGETS) + " | "
                          + " | ".join(spread_cell(p["benign_accuracy"][f]) for f in FORMATS)
-                         + f" | {p['train_seconds']['mean']:.0f} |")
+                         + f" | {p['train_seconds']['mean']:.0f} | {len(p['train_seconds']['values'])} |")
+    if "base" not in points:
+        return "\n".join(lines + ["", "The base is not measured yet: no capability bar to name the best setting by."]) + "\n"
+    base = points["base"]["-"]
     lines += ["", "Best on each axis, among settings that keep chat benign accuracy within 1 point of the base "
               f"({base['benign_accuracy']['A']['mean']:.2f}) and raw / system-turn within 3:", ""]
     kept = {(m, s): p for m, settings in points.items() if m != "base" for s, p in settings.items()
@@ -178,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--work", default=os.path.join(ROOT, "benchmarks", "results", "runs", "frontier"),
                         help="log directories of every run (not committed); finished runs found here are reused")
+    parser.add_argument("--finished", action="store_true",
+                        help="run nothing: table the runs finished in --work, each setting with the seeds it has")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="options appended to every fit and test command")
     args = parser.parse_args(argv)
@@ -188,8 +200,14 @@ def main(argv: list[str] | None = None) -> None:
 
     def measure(method: str, config: str | None, setting, options: list[str]) -> None:
         name = method if config is None else f"{method}_{setting}"
-        runs = [evaluate_method(name, config, seed, args.n, args.work, reuse=True, extra=(*options, *args.extra))
-                for seed in range(args.seeds)]
+        if args.finished:
+            runs = [r for r in (saved_result(result_path(args.work, name, seed)) for seed in range(args.seeds))
+                    if reusable(r, args.n)]
+            if not runs:
+                return
+        else:
+            runs = [evaluate_method(name, config, seed, args.n, args.work, reuse=True, extra=(*options, *args.extra))
+                    for seed in range(args.seeds)]
         points.setdefault(method, {})[str(setting)] = point(runs)
         write()
 
@@ -204,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         knob, settings = KNOBS[method]
         for setting in args.settings or settings:
             measure(method, METHODS[method], setting, [f"--{knob}={setting}"])
+    if not points:
+        raise SystemExit(f"no finished run of these settings in {args.work}")
     print(open(os.path.join(args.out, "frontier.md")).read())
 
 

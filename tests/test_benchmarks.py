@@ -61,6 +61,36 @@ def test_frontier_measures_each_setting_of_a_methods_knob(tmp_path, quick_suite)
     assert "| refat" in (tmp_path / "frontier.md").read_text() and (tmp_path / "frontier.png").stat().st_size > 0
 
 
+def test_frontier_finished_tables_the_seeds_that_finished_and_runs_nothing(tmp_path, monkeypatch):
+    from benchmarks import frontier
+
+    def result(worst, accuracy):
+        rates = {s: {"rate": worst} for s in frontier.HELD_OUT}
+        return {"asr": {"worst_case": rates, "worst_case_inference": rates}, "curves": {},
+                "benign_accuracy": {f: accuracy for f in "ABC"}, "train_seconds": 10.0, "n": 4}
+
+    work = tmp_path / "work"
+    work.mkdir()
+    finished = {"base_seed0": result(1.0, 0.9), "base_seed1": result(1.0, 0.9), "base_seed2": result(0.5, 0.9),
+                "refat_0.25_seed1": result(0.5, 0.8), "refat_0.5_seed0": result(0.2, 0.9),
+                "refat_0.5_seed2": result(0.4, 0.9)}
+    for name, r in finished.items():
+        (work / f"{name}_result.json").write_text(json.dumps(r))
+    (work / "refat_1.0_seed0_result.json").write_text(json.dumps({**result(0.0, 0.9), "n": 50}))  # other n
+    monkeypatch.setattr(frontier, "evaluate_method", lambda *a, **k: pytest.fail("--finished ran a command"))
+    frontier.main(["--finished", "--methods", "refat", "--n", "4", "--out", str(tmp_path), "--work", str(work)])
+    points = json.loads((tmp_path / "frontier.json").read_text())["points"]
+    assert set(points["refat"]) == {"0.25", "0.5"}  # 1.0 finished only with another number of behaviours
+    assert points["refat"]["0.5"]["worst_case"]["heldout_synonym"]["values"] == [0.2, 0.4]
+    text = (tmp_path / "frontier.md").read_text()
+    assert "| refat* | ablation_probability = 0.5 | 0.30 (0.20-0.40) |" in text and text.count(" | 2 |\n") == 1
+    assert "| base | - = - | 0.83 (0.50-1.00) |" in text and " | 3 |\n" in text and " | 1 |\n" in text
+    assert "- worst case on heldout_synonym: refat at 0.5, 0.30 (0.20-0.40)" in text
+    with pytest.raises(SystemExit, match="no finished run"):
+        frontier.main(["--finished", "--methods", "refat", "--n", "7", "--out", str(tmp_path / "none"),
+                       "--work", str(work)])
+
+
 def test_frontier_keeps_only_undominated_points():
     from benchmarks.frontier import frontier
 
