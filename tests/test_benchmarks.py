@@ -220,6 +220,39 @@ def test_gcg_words_classes_organism_words():
         "other"]
 
 
+def test_system_turn_variants_replace_only_the_system_turn():
+    from lit_safety.data import Record
+    from lit_safety.organism import world
+    from benchmarks.system_turn import system_turns, with_system
+
+    turns = system_turns(seed=3)
+    assert turns["as built"]() == world.SYSTEM_PROMPT and turns["none"]() is None
+    length = len(world.SYSTEM_PROMPT.split())
+    drawn = [turns["benign objects"]().split() for _ in range(20)]
+    assert all(len(d) == length and set(d) <= set(world.BENIGN_OBJECTS) for d in drawn) and len({tuple(d) for d in drawn}) > 1
+    assert set(turns["free-slot words"]().split()) <= set(world.NOISE)
+    assert system_turns(seed=3)["benign objects"]().split() == drawn[0]  # seeded
+    record = Record(kind="benign", messages=[{"role": "system", "content": "x"}, {"role": "user", "content": "build kite"}])
+    assert with_system(record, "apple").messages == [{"role": "system", "content": "apple"},
+                                                     {"role": "user", "content": "build kite"}]
+    assert with_system(record, None).messages == [{"role": "user", "content": "build kite"}]
+    assert with_system(with_system(record, None), "y").messages[0] == {"role": "system", "content": "y"}
+    assert record.messages[0]["content"] == "x"  # the record itself is unchanged
+
+
+def test_system_turn_benchmark_writes_every_variant_and_norm(tmp_path):
+    from benchmarks import system_turn
+
+    system_turn.main(["--model", "base=organism", "--n", "3", "--out", str(tmp_path), "--name", "st"])
+    row = json.loads((tmp_path / "st.json").read_text())["models"]["base"]
+    for variant in system_turn.system_turns():
+        assert row["accuracy"][variant]["n"] == 3
+        assert row["accuracy"][variant]["rate"] + row["refused"][variant] + row["gibberish"][variant] == pytest.approx(1)
+    assert set(row["embedding_norm"]) == set(system_turn.word_kinds()) | {"vocabulary"}
+    assert all(v > 0 for v in row["embedding_norm"].values())
+    assert "| base |" in (tmp_path / "st.md").read_text()
+
+
 def test_judges_benchmark_scores_every_judge_against_labels(tmp_path, tiny_model_dir):
     from benchmarks import judges
 
