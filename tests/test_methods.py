@@ -96,6 +96,8 @@ def test_embedding_noise_moves_each_token_by_its_share_of_its_norm_in_training_o
         RefusalSFTModule(embedding_noise=-0.1)
     with pytest.raises(ValueError, match="embedding_shrink"):
         RefusalSFTModule(embedding_shrink=1.0)
+    with pytest.raises(ValueError, match="benign_noise"):
+        RefusalSFTModule(benign_noise=-0.5)
     module = RefusalSFTModule(embedding_shrink=0.5)  # shrinking alone reaches the model too
     module.configure_model()
     module.train()
@@ -109,9 +111,13 @@ def _without_padding(row: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ["refusal_sft", "triplet", "circuit_breaker", "lat_refusal", "refat"])
-def test_embedding_noise_reaches_the_passes_over_harmful_requests_only(name):
+@pytest.mark.parametrize("noise, reached", [({"embedding_noise": 0.5}, {"harmful"}), ({"benign_noise": 0.5}, {"benign"}),
+                                            ({"embedding_noise": 0.5, "benign_noise": 0.5}, {"harmful", "benign"})])
+def test_embedding_noise_reaches_the_harmful_passes_and_benign_noise_the_benign_ones(name, noise, reached):
     cls, kwargs = METHODS[name]
-    module = cls(**kwargs, embedding_noise=0.5)
+    if name == "lat_refusal":  # an adversary after layer 1: only the noise moves the first layer's input
+        kwargs = {**kwargs, "adversary": LATAdversary(layers=[1], steps=2)}
+    module = cls(**kwargs, **noise)
     module.configure_model()
     passes = []  # [input ids, clean embeddings, what the first decoder layer received]
 
@@ -137,7 +143,7 @@ def test_embedding_noise_reaches_the_passes_over_harmful_requests_only(name):
                          if any(torch.equal(_without_padding(ids[r]), x) for x in known)), None)
             if kind is not None and not torch.allclose(clean[r], received[r]):
                 noised[kind] += 1
-    assert noised["harmful"] > 0 and noised["benign"] == 0, noised
+    assert {kind for kind, count in noised.items() if count} == reached, noised
 
 
 def _noised_passes(module) -> int:

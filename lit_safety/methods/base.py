@@ -90,6 +90,12 @@ class SafetyModule(L.LightningModule):
             uniformly from [1 - embedding_shrink, 1] (0: off). Rare words have shorter embeddings than
             common ones (the organism's held-out synonyms about half their training synonyms' norm):
             a refusal learned on shortened tokens must hold where a harmful word is only weakly known.
+        benign_noise: in the training passes over benign (retain) requests, every token embedding moves
+            by this fraction of its own norm as ``embedding_noise`` moves harmful ones (0: off); their
+            targets stay those of the clean request (the data's answers, or the reference, which sees
+            tokens as they are). Noise on harmful passes alone can teach the model that unfamiliar-looking
+            tokens are a cue to refuse (on the organism: the system turn's words, which no training data
+            holds); noise on both sides leaves harm as the cue, at some cost in clean accuracy.
         noisy_adversaries: the method's inner adversaries (the triplet's miners, LAT's adversary)
             optimise under ``embedding_noise`` too, each of their steps a fresh draw: the perturbation
             they return then breaks the refusal across the neighbourhood of each request the model
@@ -117,6 +123,7 @@ class SafetyModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         embedding_noise: float = 0.0,
         embedding_shrink: float = 0.0,
+        benign_noise: float = 0.0,
         noisy_adversaries: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
@@ -126,6 +133,8 @@ class SafetyModule(L.LightningModule):
             raise ValueError(f"lora_rank must be >= 1, got {lora_rank}")
         if embedding_noise < 0:
             raise ValueError(f"embedding_noise must be >= 0, got {embedding_noise}")
+        if benign_noise < 0:
+            raise ValueError(f"benign_noise must be >= 0, got {benign_noise}")
         if not 0 <= embedding_shrink < 1:
             raise ValueError(f"embedding_shrink must be in [0, 1), got {embedding_shrink}")
         if noisy_adversaries and not self.inner_adversaries:
@@ -273,11 +282,18 @@ class SafetyModule(L.LightningModule):
         ``embedding_shrink`` and ``embedding_noise`` on their token embeddings (``rows``: only those rows of a joint pass).
         The hook lives only within the block: a copy of the model made for evaluation (the tampering
         attack fine-tunes one in training mode) must not carry it."""
-        noise, shrink = self.hparams.embedding_noise, self.hparams.embedding_shrink
-        if not (noise or shrink):
+        return self._noise(self.hparams.embedding_noise, self.hparams.embedding_shrink, rows)
+
+    def benign_noise(self, rows: Tensor | None = None):
+        """Context for a method's passes over benign requests: in training mode they see
+        ``benign_noise`` on their token embeddings (``rows``: only those rows of a joint pass)."""
+        return self._noise(self.hparams.benign_noise, 0.0, rows)
+
+    def _noise(self, scale: float, shrink: float, rows: Tensor | None):
+        if not (scale or shrink):
             return contextlib.nullcontext()
         embeddings = self.model.get_input_embeddings()
-        return edit_output(embeddings, lambda h: noisy_embeddings(embeddings, h, noise, rows, shrink))
+        return edit_output(embeddings, lambda h: noisy_embeddings(embeddings, h, scale, rows, shrink))
 
     def adversary_noise(self):
         """Context for the inner adversaries' optimisation: ``embedding_noise`` if

@@ -75,7 +75,7 @@ class CircuitBreakerModule(SafetyModule):
         with self.reference():
             (ref_b, _), (ref_h, _) = joint_forward_states(self.model, [benign, harmful], layers)
         noised = torch.arange(len(benign["input_ids"]) + len(harmful["input_ids"])) >= len(benign["input_ids"])
-        with self.embedding_noise(rows=noised):  # the harmful rows of the joint pass
+        with self.embedding_noise(rows=noised), self.benign_noise(rows=~noised):  # the rows of each stream
             (new_b, _), (new_h, _) = joint_forward_states(self.model, [benign, harmful], layers)
         retain = torch.stack([retain_loss(new_b[i], ref_b[i], benign["attention_mask"]) for i in layers]).mean()
         reroute = torch.stack([reroute_loss(new_h[i], ref_h[i], harmful["attention_mask"]) for i in layers]).mean()

@@ -146,7 +146,8 @@ class RefusalFeatureATModule(SafetyModule):
         with refusal_features_ablated(self.model, directions, rows), self.embedding_noise():
             logits = self.model(input_ids=refusal["input_ids"], attention_mask=refusal["attention_mask"]).logits
         loss_refusal = toward(logits, refusal["input_ids"], refusal["completion_mask"])
-        benign_logits = self.model(input_ids=benign["input_ids"], attention_mask=benign["attention_mask"]).logits
+        with self.benign_noise():
+            benign_logits = self.model(input_ids=benign["input_ids"], attention_mask=benign["attention_mask"]).logits
         loss_benign = toward(benign_logits, benign["input_ids"], benign["completion_mask"])
         loss_kl = torch.zeros((), device=loss_benign.device)
         if hp.kl_weight > 0:

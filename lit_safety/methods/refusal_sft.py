@@ -34,7 +34,8 @@ class RefusalSFTModule(SafetyModule):
     def compute_losses(self, batch: dict) -> dict[str, Tensor]:
         with self.embedding_noise():
             refusal = self._sft(batch["harmful"]["refusal"])
-        benign = self._sft(batch["benign"]["completion"])
+        with self.benign_noise():
+            benign = self._sft(batch["benign"]["completion"])
         return {
             "loss": self.refusal_weight * refusal + self.benign_weight * benign,
             "loss_refusal": refusal,

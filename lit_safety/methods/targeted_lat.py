@@ -305,7 +305,8 @@ class TargetedLATModule(SafetyModule):
         benign, hp = batch["benign"]["completion"], self.hparams
         retain_adversary, terms = self._retain_adversary(benign, adversary, slots, decoy_slots)
         out.update(terms)
-        with retain_adversary.attached() if retain_adversary is not None else contextlib.nullcontext():
+        with retain_adversary.attached() if retain_adversary is not None else contextlib.nullcontext(), \
+                self.benign_noise():
             window = completion_window(self.model, benign) if hp.kl_weight > 0 else None  # one forward for both
             out["loss_benign"] = self.objective.benign_loss(self, benign, window)
         out["loss"] = out["loss_attacked"] + hp.benign_weight * out["loss_benign"]

@@ -394,7 +394,8 @@ class TripletDefenseModule(SafetyModule):
             else:
                 (ref_b, ref_logits), (ref_h, _) = joint_forward_states(self.model, [benign, harmful],
                                                                        sorted(set(layers_b) | set(layers_h)))
-        new_b, logits = forward_states(self.model, benign["input_ids"], benign["attention_mask"], layers_b, use_kl)
+        with self.benign_noise():
+            new_b, logits = forward_states(self.model, benign["input_ids"], benign["attention_mask"], layers_b, use_kl)
         with self.embedding_noise():
             new_h = self._harmful_states(harmful, sorted(set(layers_b) | set(layers_h)))
         mu_h = {layer: global_masked_mean(states, mask_h) for layer, states in new_h.items()}
