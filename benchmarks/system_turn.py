@@ -9,7 +9,6 @@ seen token keeps a short embedding). Writes benchmarks/results/<name>.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -18,7 +17,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import ROOT, atomic_write, interval_cell, named_models
+from benchmarks.common import atomic_write, interval_cell, models_parser, named_models
 
 
 def system_turns(seed: int = 0) -> dict:
@@ -95,12 +94,9 @@ def markdown(results: dict, n: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", required=True, help="name=checkpoint, adapter or model name")
-    parser.add_argument("--n", type=int, default=100, help="behaviours (default 100)")
+    parser = models_parser(__doc__)
     parser.add_argument("--seed", type=int, default=0, help="seed of the drawn system turns")
     parser.add_argument("--name", default="system_turn", help="file name of the results (default system_turn)")
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args(argv)
     results = {name: measure(path, args.n, args.seed) for name, path in named_models(args.model)}
     atomic_write(os.path.join(args.out, f"{args.name}.json"),
