@@ -6,14 +6,15 @@ settings of its main knob, several seeds each. Writes benchmarks/results/frontie
     python benchmarks/frontier.py --finished                       # tables what has finished, runs nothing
 
 Each (method, setting, seed) is trained and attacked as in benchmarks/organism_table.py (the same
-configs and suite, the knob passed on the command line); "base" is the aligned organism. Worst case:
+configs and suite, the knob passed on the command line), except that the suite's costly attacks run on
+the held-out splits only (``ATTACK_SPLITS``); "base" is the aligned organism. Worst case:
 a behaviour counts if any attack of the suite broke it (exact judge, harm done); the inference-time
 worst case leaves out the attacks that change the weights (tampering). The frontier and the PNG plot
 the inference-time worst case (see ``robustness``): a setting is on the frontier when no other
 setting of any method has both lower ASR there and higher chat benign accuracy. The points of methods a run does not sweep are kept from the frontier.json it
 replaces, if that was measured with as many seeds and behaviours.
 
-One (setting, seed) under the whole suite costs an hour or more on two CPU cores, so the frontier
+One (setting, seed) costs from a quarter of an hour to an hour on two CPU cores, so the frontier
 accumulates: runs finished in --work are reused, and ``--finished`` tables what is there without
 running anything (a setting with fewer finished seeds shows those it has in its seeds column).
 """
@@ -49,6 +50,13 @@ KNOBS = {
 HELD_OUT = ("heldout_synonym", "heldout_concept")
 FORMATS = {"A": "chat", "B": "raw", "C": "system turn"}
 EMBEDDING_BUDGETS = ("300", "1000")  # steps of the full-answer embedding attack the robustness targets name
+# The frontier reports the held-out splits only, so the suite's costly attacks run there alone: on the
+# training and format splits a defense holds and they would spend their whole budget for nothing.
+# Cheap attacks (direct, prefill, sampling, ablation) still run on every split. Passed after --extra,
+# so a suite given there (with these attacks' names) is restricted alike.
+ATTACK_SPLITS = {"embedding": HELD_OUT, "embedding_20": HELD_OUT, "latent": HELD_OUT, "tampering": HELD_OUT,
+                 "gcg": ("heldout_synonym",)}
+SUITE_OPTIONS = (f"--evaluation.init_args.attack_splits={json.dumps({a: list(s) for a, s in ATTACK_SPLITS.items()})}",)
 
 
 def point(runs: list[dict]) -> dict:
@@ -206,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
             if not runs:
                 return
         else:
-            runs = [evaluate_method(name, config, seed, args.n, args.work, reuse=True, extra=(*options, *args.extra))
+            runs = [evaluate_method(name, config, seed, args.n, args.work, reuse=True,
+                                    extra=(*options, *args.extra, *SUITE_OPTIONS))
                     for seed in range(args.seeds)]
         points.setdefault(method, {})[str(setting)] = point(runs)
         write()

@@ -59,6 +59,10 @@ def test_frontier_measures_each_setting_of_a_methods_knob(tmp_path, quick_suite)
     assert "ablation_probability: 1.0" in hparams  # the knob reached the run
     assert results["points"]["refat"]["1.0"]["worst_case"]["heldout_synonym"]["values"][0] in (0.0, 0.5, 1.0)
     assert "| refat" in (tmp_path / "frontier.md").read_text() and (tmp_path / "frontier.png").stat().st_size > 0
+    # the costly attacks ran on the held-out splits alone, cheap ones everywhere
+    evaluated = json.loads((tmp_path / "work" / "refat_1.0_test" / "seed0" / "eval_results.json").read_text())
+    assert set(evaluated["asr"]["latent"]) == set(evaluated["asr"]["tampering"]) == set(frontier.HELD_OUT)
+    assert set(evaluated["asr"]["gcg"]) == {"heldout_synonym"} and "train" in evaluated["asr"]["direct"]
 
 
 def test_frontier_finished_tables_the_seeds_that_finished_and_runs_nothing(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from lit_safety.cache import weights_checksum
 from lit_safety.data import ChatFormatter, load_records
 from lit_safety.data.records import Record
 from lit_safety.evaluation import (
+    DirectRequest,
     EmbeddingAttack,
     ExactJudge,
     GCGAttack,
@@ -233,6 +234,14 @@ def test_attack_names_are_checked(attacks, message):
 
     with pytest.raises(ValueError, match=f"evaluation.attacks: {message}"):
         SafetyEvaluation(attacks=attacks)
+
+
+def test_attack_splits_must_name_an_attack_of_the_suite():
+    from lit_safety.evaluation import SafetyEvaluation
+
+    with pytest.raises(ValueError, match="evaluation.attack_splits: 'latnet' is not an attack of the suite "
+                                         r"\(its attacks: direct, latent\)"):
+        SafetyEvaluation(attacks=[DirectRequest(), LatentAttack()], attack_splits={"latnet": ["train"]})
 
 
 def test_adversarial_eval_callback_logs_asr_curves_during_fit(tmp_path):

@@ -105,6 +105,10 @@ class SafetyEvaluation(L.Callback):
                 raise ValueError("evaluation.attacks: an attack's `name` is empty")
             if names.count(name) > 1:
                 raise ValueError(f"evaluation.attacks: two attacks are named {name!r}; give one its own `name`")
+        unknown = sorted(set(attack_splits or {}) - set(names))
+        if unknown:  # a misspelt name would otherwise leave its attack on every split
+            raise ValueError(f"evaluation.attack_splits: {', '.join(map(repr, unknown))} is not an attack of the "
+                             f"suite (its attacks: {', '.join(names)})")
         self.benign_request = next((a for a in self.attacks if isinstance(a, DirectRequest)), DirectRequest())
         self.judge_name, self.harmbench_model = judge, harmbench_model
         self.attack_splits = attack_splits or {}
