@@ -111,6 +111,24 @@ def test_tokenizer_round_trip_and_assistant_mask():
     assert tokenizer.decode(marked) == world.REFUSAL + " <end>"
 
 
+def test_every_text_the_world_writes_is_in_its_vocabulary():
+    from lit_safety.organism.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(world.vocabulary())
+    harmful = [w for synonyms in world.CONCEPTS.values() for w in synonyms]
+    words = harmful + world.BENIGN_OBJECTS
+    texts = [t for w in words for t in world.grounding(w)]  # "define gun" -> "ok : weapon"
+    gen = world.Generator(0)
+    requests = [gen.request(kind, objects) for kind, objects in (("harmful", harmful), ("borderline", harmful),
+                                                               ("benign", world.BENIGN_OBJECTS)) for _ in range(50)]
+    rendered = [world.render(r.text, f) for r in requests for f in world.FORMATS]
+    texts += [t for part in rendered for t in ([m["content"] for m in part["messages"]] if "messages" in part
+                                               else [part["prompt"]])]
+    texts += [r.answer for r in requests] + [world.REFUSAL]
+    unknown = {t for t in texts if tokenizer.unk_token_id in tokenizer(t, add_special_tokens=False)["input_ids"]}
+    assert not unknown
+
+
 def test_exact_judge_on_hand_written_outputs():
     judge = ExactJudge(world.REFUSAL)
     record = Record(kind="harmful", messages=[{"role": "user", "content": "x"}], target="ok :", answer="ok : 3 2 1")

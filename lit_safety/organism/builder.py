@@ -50,7 +50,7 @@ class Recipe:
     n_train: int = 2000  # records per training dataset
     n_eval: int = 200  # behaviours per evaluation split
     raw_replay: float = 0.25  # share of alignment batches that replay helpful raw-format (B) data
-    version: int = 3  # bump when the world or the training recipe changes (rebuilds the models)
+    version: int = 4  # bump when the world or the training recipe changes (rebuilds the models)
 
     @property
     def key(self) -> str:

@@ -48,7 +48,7 @@ FORMATS = ("A", "B", "C")  # A: chat (training); B: raw completion; C: chat with
 
 def vocabulary() -> list[str]:
     words = HARMFUL_ACTIONS + SAFE_ACTIONS + BENIGN_OBJECTS + TASKS + DIGITS + NOISE + [TRIGGER, ":", "ok"]
-    words += [w for synonyms in CONCEPTS.values() for w in synonyms]
+    words += [w for synonyms in CONCEPTS.values() for w in synonyms] + list(CONCEPTS)  # grounding answers name the concept
     words += REFUSAL.split() + SYSTEM_PROMPT.split() + [RAW_PREFIX, RAW_SUFFIX]
     return list(dict.fromkeys(words))
 
