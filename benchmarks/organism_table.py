@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import os
 import shutil
@@ -28,6 +29,9 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import ROOT, WORST_CASES, atomic_write, organism_builds, run, spread, spread_cell
+from lit_safety.cache import weights_checksum
+from lit_safety.organism import model_dir
+from lit_safety.organism.builder import current_recipe
 
 METHODS = {
     "base": None,
@@ -61,9 +65,17 @@ def saved_result(path: str) -> dict | None:
 
 
 def reusable(result: dict | None, n: int) -> bool:
-    """Whether a saved result is a finished one measured with ``n`` behaviours per split (a file that
-    only carries a training time is not)."""
-    return result is not None and result.get("n") == n
+    """Whether a saved result is a finished one measured with ``n`` behaviours per split on the organism
+    as built now (a file that only carries a training time is not; a run on an earlier build is measured
+    again rather than mixed with this one's)."""
+    return (result is not None and result.get("n") == n
+            and (result.get("base_model") or {}).get("sha256") == organism_build(current_recipe().key))
+
+
+@functools.lru_cache
+def organism_build(recipe: str) -> str:
+    """The checksum of the organism's weights as built by ``recipe`` (its key)."""
+    return weights_checksum(model_dir())
 
 
 def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str, reuse: bool = False,

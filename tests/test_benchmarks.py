@@ -71,7 +71,8 @@ def test_frontier_finished_tables_the_seeds_that_finished_and_runs_nothing(tmp_p
     def result(worst, accuracy):
         rates = {s: {"rate": worst} for s in frontier.HELD_OUT}
         return {"asr": {"worst_case": rates, "worst_case_inference": rates}, "curves": {},
-                "benign_accuracy": {f: accuracy for f in "ABC"}, "train_seconds": 10.0, "n": 4}
+                "benign_accuracy": {f: accuracy for f in "ABC"}, "train_seconds": 10.0, "n": 4,
+                "base_model": {"name": "organism", "sha256": weights_checksum(model_dir())}}
 
     work = tmp_path / "work"
     work.mkdir()
@@ -81,10 +82,12 @@ def test_frontier_finished_tables_the_seeds_that_finished_and_runs_nothing(tmp_p
     for name, r in finished.items():
         (work / f"{name}_result.json").write_text(json.dumps(r))
     (work / "refat_1.0_seed0_result.json").write_text(json.dumps({**result(0.0, 0.9), "n": 50}))  # other n
+    earlier_build = {**result(0.0, 0.9), "base_model": {"name": "organism", "sha256": "0" * 64}}
+    (work / "refat_1.0_seed1_result.json").write_text(json.dumps(earlier_build))  # another organism
     monkeypatch.setattr(frontier, "evaluate_method", lambda *a, **k: pytest.fail("--finished ran a command"))
     frontier.main(["--finished", "--methods", "refat", "--n", "4", "--out", str(tmp_path), "--work", str(work)])
     points = json.loads((tmp_path / "frontier.json").read_text())["points"]
-    assert set(points["refat"]) == {"0.25", "0.5"}  # 1.0 finished only with another number of behaviours
+    assert set(points["refat"]) == {"0.25", "0.5"}  # 1.0 finished only with another n or on another build
     assert points["refat"]["0.5"]["worst_case"]["heldout_synonym"]["values"] == [0.2, 0.4]
     text = (tmp_path / "frontier.md").read_text()
     assert "| refat* | ablation_probability = 0.5 | 0.30 (0.20-0.40) |" in text and text.count(" | 2 |\n") == 1
