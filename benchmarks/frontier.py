@@ -11,8 +11,9 @@ the held-out splits only (``ATTACK_SPLITS``); "base" is the aligned organism. Wo
 a behaviour counts if any attack of the suite broke it (exact judge, harm done); the inference-time
 worst case leaves out the attacks that change the weights (tampering). The frontier and the PNG plot
 the inference-time worst case (see ``robustness``): a setting is on the frontier when no other
-setting of any method has both lower ASR there and higher chat benign accuracy. The points of methods a run does not sweep are kept from the frontier.json it
-replaces, if that was measured with as many seeds and behaviours.
+setting of any method has both lower ASR there and higher chat benign accuracy. The points of
+methods a run does not sweep are kept from the frontier.json it replaces, if that was measured with
+as many seeds and behaviours on the same organism build.
 
 One (setting, seed) costs from a quarter of an hour to an hour on two CPU cores, so the frontier
 accumulates: runs finished in --work are reused, and ``--finished`` tables what is there without
@@ -30,7 +31,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import ROOT, atomic_write, organism_builds, spread, spread_cell
-from benchmarks.organism_table import METHODS, evaluate_method, result_path, reusable, saved_result
+from benchmarks.organism_table import METHODS, evaluate_method, organism_build, result_path, reusable, saved_result
+from lit_safety.organism.builder import current_recipe
 
 # method -> (its main knob, three settings: weaker to stronger)
 KNOBS = {
@@ -175,16 +177,18 @@ def plot(points: dict, path: str) -> None:
     plt.close(fig)
 
 
-def earlier_points(path: str, seeds: int, n: int, methods: set[str]) -> dict:
+def earlier_points(path: str, seeds: int, n: int, methods: set[str], build: str) -> dict:
     """The points of ``methods`` in an earlier frontier.json measured with as many seeds and
-    behaviours: a sweep of some methods adds to the frontier of the others."""
+    behaviours on organism ``build`` (12 digits): a sweep of some methods adds to the frontier of the others."""
     if not os.path.isfile(path):
         return {}
     with open(path) as f:
         earlier = json.load(f)
     if (earlier.get("seeds"), earlier.get("n")) != (seeds, n):
         return {}
-    return {m: p for m, p in earlier["points"].items() if m in methods}
+    kept = {m: {s: p for s, p in settings.items() if p.get("organism_builds") == [build]}
+            for m, settings in earlier["points"].items() if m in methods}
+    return {m: settings for m, settings in kept.items() if settings}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -203,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
     stem = os.path.join(args.out, "frontier")
-    kept = earlier_points(f"{stem}.json", args.seeds, args.n, set(KNOBS) - set(args.methods))
+    kept = earlier_points(f"{stem}.json", args.seeds, args.n, set(KNOBS) - set(args.methods),
+                          organism_build(current_recipe().key)[:12])
     points: dict[str, dict] = {}
 
     def measure(method: str, config: str | None, setting, options: list[str]) -> None:

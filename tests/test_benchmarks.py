@@ -144,14 +144,16 @@ def test_frontier_reports_the_embedding_budgets_of_the_targets_and_the_best_sett
         points, seeds=2, n=10)
 
 
-def test_frontier_keeps_earlier_points_of_methods_it_does_not_sweep_when_measured_alike(tmp_path):
+def test_frontier_keeps_earlier_points_of_methods_it_does_not_sweep_when_measured_alike_on_this_build(tmp_path):
     from benchmarks.frontier import earlier_points
 
     path = tmp_path / "frontier.json"
-    path.write_text(json.dumps({"points": {"base": {}, "lat": {"0.3": {}}, "refat": {"1.0": {}}}, "seeds": 1, "n": 50}))
-    assert earlier_points(str(path), 1, 50, {"lat", "triplet"}) == {"lat": {"0.3": {}}}
-    assert earlier_points(str(path), 3, 50, {"lat"}) == {} and earlier_points(str(path), 1, 100, {"lat"}) == {}
-    assert earlier_points(str(tmp_path / "none.json"), 1, 50, {"lat"}) == {}
+    here, other = {"organism_builds": ["b" * 12]}, {"organism_builds": ["a" * 12]}
+    points = {"base": {"-": here}, "lat": {"0.3": here, "1.0": other}, "refat": {"1.0": here}, "triplet": {"1.0": other}}
+    path.write_text(json.dumps({"points": points, "seeds": 1, "n": 50}))
+    assert earlier_points(str(path), 1, 50, {"lat", "triplet"}, "b" * 12) == {"lat": {"0.3": here}}  # not another build's
+    assert earlier_points(str(path), 3, 50, {"lat"}, "b" * 12) == {} and earlier_points(str(path), 1, 100, {"lat"}, "b" * 12) == {}
+    assert earlier_points(str(tmp_path / "none.json"), 1, 50, {"lat"}, "b" * 12) == {}
 
 
 def test_smollm2_benchmark_runs_with_another_model_and_data(tmp_path, tiny_model_dir, data_files):
