@@ -80,6 +80,7 @@ def organism_build(recipe: str) -> str:
 
 def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str, reuse: bool = False,
                     threads: int | None = None, extra: tuple[str, ...] = (), keep_checkpoints: bool = False) -> dict:
+    os.makedirs(work, exist_ok=True)
     saved = result_path(work, name, seed)
     previous = saved_result(saved)
     if reuse and reusable(previous, n):
