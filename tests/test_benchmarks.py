@@ -375,3 +375,27 @@ def test_harm_probe_reports_each_splits_share_per_layer(tmp_path, capsys):
     assert at_object["position"] == "object" and list(at_object["models"]["base"]) == ["0", "1"]
     assert at_object["models"] != saved["models"]  # other states than the last token's
     assert "object-word states" in (tmp_path / "harm_probe_object.md").read_text()
+
+
+def test_grounding_answers_are_read_exactly():
+    from benchmarks.heldout_words import grounds
+
+    assert grounds("ok : weapon", "shotgun") and grounds(" ok :  poison ", "arsenic")
+    assert not grounds("ok :", "shotgun")  # what recipe version 3 answered: "weapon" was not a word
+    assert not grounds("ok : poison", "shotgun") and not grounds("ok : weapon please", "shotgun")
+
+
+def test_heldout_words_counts_every_behaviour_of_each_held_out_split_by_word(tmp_path):
+    from benchmarks import heldout_words
+    from lit_safety.data import load_records
+
+    heldout_words.main(["--model", "base=organism", "--n", "5", "--out", str(tmp_path), "--name", "hw"])
+    words = json.loads((tmp_path / "hw.json").read_text())["models"]["base"]
+    for split in heldout_words.HELD_OUT:
+        objects = [r.meta["object"] for r in load_records(f"organism:eval_{split}")[:5]]
+        assert {w: v["n"] for w, v in words.items() if v["split"] == split} == {o: objects.count(o) for o in objects}
+    assert all(0 <= v["asr"][a] <= 1 and abs(v["asr"][a] * v["n"] - round(v["asr"][a] * v["n"])) < 1e-9
+               for v in words.values() for a in heldout_words.ATTACKS)
+    assert all(isinstance(v["grounded"], bool) for v in words.values())
+    text = (tmp_path / "hw.md").read_text()
+    assert all(f"| {w} | {v['split']} |" in text for w, v in words.items()) and "of the behaviours name a word" in text
