@@ -76,7 +76,7 @@ def test_an_inconsistent_attack_budget_stops_in_one_line_before_the_model_loads(
     config = os.path.join(os.path.dirname(__file__), "..", "configs", "evaluate.yaml")
     with pytest.raises(SystemExit) as exit_info:
         main(["test", "--config", config, f"--evaluation.init_args.attacks=[{attack}]",
-              f"--trainer.logger.init_args.save_dir={tmp_path}"])
+              "--evaluation.init_args.attack_splits={}", f"--trainer.logger.init_args.save_dir={tmp_path}"])
     lines = str(exit_info.value).splitlines()
     assert len(lines) <= 3 and BAD_ATTACKS[attack] in lines[0], lines
 

@@ -240,7 +240,7 @@ def test_attack_splits_must_name_an_attack_of_the_suite():
     from lit_safety.evaluation import SafetyEvaluation
 
     with pytest.raises(ValueError, match="evaluation.attack_splits: 'latnet' is not an attack of the suite "
-                                         r"\(its attacks: direct, latent\)"):
+                                         r"\(its attacks: direct, latent\); a new attack list needs its own attack_splits"):
         SafetyEvaluation(attacks=[DirectRequest(), LatentAttack()], attack_splits={"latnet": ["train"]})
 
 

@@ -108,7 +108,7 @@ class SafetyEvaluation(L.Callback):
         unknown = sorted(set(attack_splits or {}) - set(names))
         if unknown:  # a misspelt name would otherwise leave its attack on every split
             raise ValueError(f"evaluation.attack_splits: {', '.join(map(repr, unknown))} is not an attack of the "
-                             f"suite (its attacks: {', '.join(names)})")
+                             f"suite (its attacks: {', '.join(names)}); a new attack list needs its own attack_splits")
         self.benign_request = next((a for a in self.attacks if isinstance(a, DirectRequest)), DirectRequest())
         self.judge_name, self.harmbench_model = judge, harmbench_model
         self.attack_splits = attack_splits or {}
