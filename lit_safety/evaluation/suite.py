@@ -275,7 +275,7 @@ class SafetyEvaluation(L.Callback):
         """Compute every metric (synchronised across ranks) into the report schema and reset."""
         out: dict = {"asr": {}, "refusal": {}, "gibberish": {}, "benign_accuracy": {}, "over_refusal": {},
                      "benign_kl": {}, "budgets": {a.name: a.describe() for a in self.attacks}, "judge": self.judge_name,
-                     "attack_seconds": {name: round(t, 1) for name, t in self.seconds.items()}}
+                     "attack_seconds": {name: round(t, 3) for name, t in self.seconds.items()}}
         if self.strict_judge is not None:
             out["asr_strict"] = {}
         for key, metric in self.metrics.items():
