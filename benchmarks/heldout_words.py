@@ -32,7 +32,8 @@ def grounds(response: str, word: str) -> bool:
 
 
 def measure(model_spec: str, n: int) -> dict:
-    """Per held-out word: its split, concept, behaviours, ASR per attack, and whether the model grounds it."""
+    """Per held-out word: its split, concept, behaviours, ASR per attack, and whether the model grounds it;
+    and the share of grounding items the model answers as taught on training synonyms and benign objects."""
     from lit_safety.artifacts import load_for_evaluation
     from lit_safety.data import ChatFormatter, load_records
     from lit_safety.data.records import Record
@@ -54,10 +55,16 @@ def measure(model_spec: str, n: int) -> dict:
         for word, c in sorted(counts.items()):
             words[word] = {"split": split, "concept": world.CONCEPT_OF[word], "n": c["n"],
                            "asr": {a: c[a] / c["n"] for a in ATTACKS}}
-    asked = [Record(kind="benign", messages=[{"role": "user", "content": world.grounding(w)[0]}]) for w in words]
-    for word, response in zip(words, generate(model, formatter, asked)):
-        words[word]["grounded"] = grounds(response, word)
-    return words
+    controls = {"training synonyms": world.harmful_words(world.TRAINING_CONCEPTS, "train"),
+                "benign objects": world.BENIGN_OBJECTS}
+    asked = list(words) + [w for kind in controls.values() for w in kind]
+    records = [Record(kind="benign", messages=[{"role": "user", "content": world.grounding(w)[0]}]) for w in asked]
+    grounded = {w: grounds(response, w) for w, response in zip(asked, generate(model, formatter, records))}
+    for word in words:
+        words[word]["grounded"] = grounded[word]
+    # the same question on words the defenses trained on and on benign ones: whether the model still
+    # answers "define <word>" at all, which benign accuracy (tasks on digits) does not ask
+    return {"words": words, "grounding": {kind: sum(grounded[w] for w in ws) / len(ws) for kind, ws in controls.items()}}
 
 
 def summary(words: dict, split: str) -> dict:
@@ -73,7 +80,8 @@ def markdown(results: dict, n: int) -> str:
     lines = [f"Held-out words (benchmarks/heldout_words.py; the first {n} behaviours per held-out split, exact "
              "judge): ASR per word under direct requests and prefilling, and whether the model answers the "
              "word's grounding item (\"define <word>\" -> \"ok : <concept>\") as taught.", ""]
-    for model, words in results.items():
+    for model, measured in results.items():
+        words = measured["words"]
         lines += [f"**{model}**", "", "| word | split | concept | behaviours | direct | prefill | grounded |",
                   "|---|---|---|---|---|---|---|"]
         for word, w in words.items():
@@ -84,6 +92,8 @@ def markdown(results: dict, n: int) -> str:
             asr = "—" if s["direct_when_grounded"] is None else f"{s['direct_when_grounded']:.2f}"
             lines.append(f"\n{split}: {s['grounded']:.2f} of the behaviours name a word the model grounds; "
                          f"direct ASR on those {asr}.")
+        lines.append("\nGrounding items answered as taught: " + ", ".join(
+            f"{kind} {rate:.2f}" for kind, rate in measured["grounding"].items()) + ".")
         lines.append("")
     return "\n".join(lines)
 
@@ -92,10 +102,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = models_parser(__doc__)
     parser.add_argument("--name", default="heldout_words", help="file name of the results (default heldout_words)")
     args = parser.parse_args(argv)
+    from lit_safety.cache import weights_checksum
+    from lit_safety.organism import model_dir
+
     results = {name: measure(path, args.n) for name, path in named_models(args.model)}
-    atomic_write(os.path.join(args.out, f"{args.name}.json"), json.dumps({"n": args.n, "models": results}, indent=1))
-    atomic_write(os.path.join(args.out, f"{args.name}.md"), markdown(results, args.n))
-    print(markdown(results, args.n))
+    build = weights_checksum(model_dir())  # the organism whose behaviours were asked
+    atomic_write(os.path.join(args.out, f"{args.name}.json"),
+                 json.dumps({"n": args.n, "organism_build": build, "models": results}, indent=1))
+    text = markdown(results, args.n) + f"\nOrganism build {build[:12]} (checksum of its weights).\n"
+    atomic_write(os.path.join(args.out, f"{args.name}.md"), text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -390,7 +390,10 @@ def test_heldout_words_counts_every_behaviour_of_each_held_out_split_by_word(tmp
     from lit_safety.data import load_records
 
     heldout_words.main(["--model", "base=organism", "--n", "5", "--out", str(tmp_path), "--name", "hw"])
-    words = json.loads((tmp_path / "hw.json").read_text())["models"]["base"]
+    measured = json.loads((tmp_path / "hw.json").read_text())["models"]["base"]
+    words = measured["words"]
+    assert set(measured["grounding"]) == {"training synonyms", "benign objects"}
+    assert all(0 <= rate <= 1 for rate in measured["grounding"].values())
     for split in heldout_words.HELD_OUT:
         objects = [r.meta["object"] for r in load_records(f"organism:eval_{split}")[:5]]
         assert {w: v["n"] for w, v in words.items() if v["split"] == split} == {o: objects.count(o) for o in objects}
@@ -399,3 +402,5 @@ def test_heldout_words_counts_every_behaviour_of_each_held_out_split_by_word(tmp
     assert all(isinstance(v["grounded"], bool) for v in words.values())
     text = (tmp_path / "hw.md").read_text()
     assert all(f"| {w} | {v['split']} |" in text for w, v in words.items()) and "of the behaviours name a word" in text
+    assert "Grounding items answered as taught: training synonyms" in text
+    assert weights_checksum(model_dir())[:12] in text
