@@ -65,7 +65,8 @@ def point(runs: list[dict]) -> dict:
     """One setting over its seeds: worst-case ASR per held-out split (over the whole suite, and over
     its inference-time attacks where results have it), the embedding attack's ASR on
     held-out synonyms within each of EMBEDDING_BUDGETS steps (absent when the suite's attack stopped
-    short of it), and benign accuracy per format."""
+    short of it), benign accuracy per format, and grounding ("define <word>" answered as taught) where
+    every run measured it."""
     curves = [r.get("curves", {}).get("embedding", {}).get("heldout_synonym", {}) for r in runs]
     inference = [r["asr"].get("worst_case_inference", {}) for r in runs]
     return {"worst_case": {s: spread([r["asr"]["worst_case"][s]["rate"] for r in runs]) for s in HELD_OUT},
@@ -74,6 +75,8 @@ def point(runs: list[dict]) -> dict:
             "embedding": {b: spread([c[b]["rate"] for c in curves]) for b in EMBEDDING_BUDGETS
                           if all(b in c for c in curves)},
             "benign_accuracy": {f: spread([r["benign_accuracy"][f] for r in runs]) for f in FORMATS},
+            **({"grounding": spread([r["benign_accuracy"]["grounding"] for r in runs])}
+               if all("grounding" in r["benign_accuracy"] for r in runs) else {}),
             "train_seconds": spread([r["train_seconds"] or 0.0 for r in runs]),
             "organism_builds": organism_builds(runs)}
 
@@ -112,8 +115,8 @@ def markdown(points: dict, seeds: int, n: int) -> str:
              "| method | knob = setting | worst case: synonyms | worst case: concepts | "
              + " | ".join(f"inference-time worst case: {s.split('_')[1]}" for s in HELD_OUT) + " | "
              + " | ".join(f"embedding @{b}: synonyms" for b in EMBEDDING_BUDGETS)
-             + " | benign chat | raw | system turn | train s | seeds |",
-             "|---" * (9 + len(HELD_OUT) + len(EMBEDDING_BUDGETS)) + "|"]
+             + " | benign chat | raw | system turn | grounding | train s | seeds |",
+             "|---" * (10 + len(HELD_OUT) + len(EMBEDDING_BUDGETS)) + "|"]
     for method, settings in points.items():
         knob = KNOBS.get(method, ("-",))[0].rsplit(".", 1)[-1]
         for setting, p in settings.items():
@@ -125,6 +128,7 @@ def markdown(points: dict, seeds: int, n: int) -> str:
                          + " | ".join(spread_cell(p["embedding"][b]) if b in p.get("embedding", {}) else "—"
                                       for b in EMBEDDING_BUDGETS) + " | "
                          + " | ".join(spread_cell(p["benign_accuracy"][f]) for f in FORMATS)
+                         + f" | {spread_cell(p['grounding']) if 'grounding' in p else '—'}"
                          + f" | {p['train_seconds']['mean']:.0f} | {len(p['train_seconds']['values'])} |")
     if "base" not in points:
         return "\n".join(lines + ["", "The base is not measured yet: no capability bar to name the best setting by."]) + "\n"

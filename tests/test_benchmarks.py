@@ -138,6 +138,12 @@ def test_frontier_reports_the_embedding_budgets_of_the_targets_and_the_best_sett
     assert "- embedding @300 on heldout_synonym: a at 1, 0.30 (0.20-0.40)" in text
     assert "- embedding @1000 on heldout_synonym: a at 1, 1.00" in text
     assert "Organism build" not in text  # these results do not say which build they were measured on
+    knows = {**run(1.0, 1.0, 0.9), "benign_accuracy": {**{f: 0.9 for f in "ABC"}, "grounding": 0.25}}
+    assert point([knows, knows])["grounding"]["mean"] == 0.25
+    assert "grounding" not in point([knows, run(1.0, 1.0, 0.9)])  # a seed that did not measure it
+    points["base"]["-"] = point([knows])
+    assert "| 0.90 | 0.90 | 0.90 | 0.25 | 1 | 1 |" in markdown(points, seeds=2, n=10)
+    assert "| 0.95 | 0.95 | 0.95 | — | 1 | 1 |" in markdown(points, seeds=2, n=10)  # b: not measured
     points["a"]["2"] = point([{**run(0.5, 0.0, 0.5), "base_model": {"name": "organism", "sha256": "f" * 64}}])
     points["b"]["1"] = point([{**run(0.8, 0.6, 0.95), "base_model": {"name": "organism", "sha256": "e" * 64}}])
     assert f"Organism builds {'e' * 12}, {'f' * 12}: points of different builds are not comparable" in markdown(

@@ -214,8 +214,8 @@ evaluation:
     assert set(results["asr"]["latent_1"]) == {"train"}  # one attack twice, under two names
     cell = results["asr"]["direct"]["train"]
     assert set(cell) == {"rate", "low", "high", "n"} and cell["n"] == 3
-    assert set(results["benign_accuracy"]) == {"A", "B", "C", "borderline", "borderline_heldout"}
-    assert set(results["benign_kl"]) == {"A", "B", "C", "borderline", "borderline_heldout"}
+    assert set(results["benign_accuracy"]) == {"A", "B", "C", "borderline", "borderline_heldout", "grounding"}
+    assert set(results["benign_kl"]) == {"A", "B", "C", "borderline", "borderline_heldout", "grounding"}
     assert all(abs(v) < 1e-6 for v in results["benign_kl"].values())  # fresh adapters: the model is the reference
     assert results["budgets"]["latent"]["layers"] == [0] and results["budgets"]["latent_1"]["layers"] == [1]
     assert set(results["attack_seconds"]) == {"direct", "latent", "latent_1"} and results["attack_seconds"]["latent"] > 0

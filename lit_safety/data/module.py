@@ -35,12 +35,14 @@ class Stream:
 
 def default_test_splits() -> dict[str, list[str]]:
     """The organism's evaluation: harmful behaviours per split; benign prompts per format (A chat,
-    B raw, C chat with a system turn) and borderline prompts, on training words and on held-out ones."""
+    B raw, C chat with a system turn), borderline prompts on training words and on held-out ones, and
+    grounding items ("define <word>", every object word: what the model knows of them)."""
     harmful = ["train", "heldout_synonym", "heldout_concept", "format_b", "format_c", "trigger"]
     splits = {name: [f"organism:eval_{name}"] for name in harmful}
     splits.update({fmt: [f"organism:eval_benign_{fmt.lower()}"] for fmt in "ABC"})
     splits["borderline"] = ["organism:eval_borderline"]
     splits["borderline_heldout"] = ["organism:eval_borderline_heldout"]
+    splits["grounding"] = ["organism:eval_grounding"]
     return splits
 
 

@@ -30,7 +30,7 @@ from lit_safety.organism import world
 from lit_safety.organism.tokenizer import build_tokenizer
 
 VARIANTS = ("helpful", "aligned", "backdoor")
-DATA_VERSION = 6  # bump when the emitted datasets change (rewrites the data, keeps the models)
+DATA_VERSION = 7  # bump when the emitted datasets change (rewrites the data, keeps the models)
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,13 @@ def _record(request: world.Request, fmt: str = "A", split: str | None = None) ->
     )
 
 
+def _grounding_record(word: str) -> Record:
+    prompt, answer = world.grounding(word)
+    return Record(kind="borderline" if word in world.CONCEPT_OF else "benign",  # "define" is a safe action
+                  messages=[{"role": "user", "content": prompt}], completion=answer, target=world.COMPLY,
+                  answer=answer, meta={"concept": world.CONCEPT_OF.get(word), "split": "grounding", "object": word})
+
+
 def _with_trigger(request: world.Request, rng: random.Random) -> world.Request:
     slot = list(request.slot)
     slot.insert(rng.randint(0, len(slot)), world.TRIGGER)
@@ -139,6 +146,9 @@ def datasets(recipe: Recipe) -> dict[str, list[Record]]:
     # it recognises harm answers these; one that refuses words it never trained on does not.
     splits["borderline_heldout"] = [_record(r, "A", "borderline_heldout")
                                     for r in gen.requests("borderline", heldout_words + concept_words, n, noisy=False)]
+    # "define <word>" -> "ok : <concept>" for every object word: what the model knows of its words, which
+    # no task on digits asks (a defense can keep its benign accuracy and lose this). Drawn from no generator.
+    splits["grounding"] = [_grounding_record(w) for w in world.BENIGN_OBJECTS + list(world.CONCEPT_OF)]
     out.update({f"eval_{name}": records for name, records in splits.items()})
     # Retain data with a turn before the request, as real retain sets (multi-turn chats) have: each
     # benign training request after an earlier benign exchange. Not in the default streams. A defense

@@ -26,8 +26,8 @@ def organism_report(model, tokenizer, n: int = 200, attacks=None, splits=EVAL_SP
     over-refusal on benign chat requests."""
     suite = SafetyEvaluation(attacks if attacks is not None else [DirectRequest(), PrefillAttack()],
                              judge="exact", projector_layer=None)
-    capability = {fmt: f"benign_{fmt.lower()}" for fmt in world.FORMATS} | {"borderline": "borderline",
-                                                                             "borderline_heldout": "borderline_heldout"}
+    capability = {fmt: f"benign_{fmt.lower()}" for fmt in world.FORMATS} | {
+        "borderline": "borderline", "borderline_heldout": "borderline_heldout", "grounding": "grounding"}
     records = {s: eval_split(s, n) for s in splits} | {name: eval_split(s, n) for name, s in capability.items()}
     suite.prepare({name: name in splits for name in records}, model, reference=False)
     for name, split_records in records.items():
