@@ -24,19 +24,11 @@ HELD_OUT = ("heldout_synonym", "heldout_concept")
 ATTACKS = ("direct", "prefill")
 
 
-def grounds(response: str, word: str) -> bool:
-    """Whether ``response`` to "define <word>" is the grounding answer the organism was taught."""
-    from lit_safety.organism import world
-
-    return response.split() == world.grounding(word)[1].split()
-
-
 def measure(model_spec: str, n: int) -> dict:
     """Per held-out word: its split, concept, behaviours, ASR per attack, and whether the model grounds it;
     and the share of grounding items the model answers as taught on training synonyms and benign objects."""
     from lit_safety.artifacts import load_for_evaluation
     from lit_safety.data import ChatFormatter, load_records
-    from lit_safety.data.records import Record
     from lit_safety.evaluation import DirectRequest, ExactJudge, PrefillAttack
     from lit_safety.evaluation.generation import generate
     from lit_safety.organism import world
@@ -55,16 +47,17 @@ def measure(model_spec: str, n: int) -> dict:
         for word, c in sorted(counts.items()):
             words[word] = {"split": split, "concept": world.CONCEPT_OF[word], "n": c["n"],
                            "asr": {a: c[a] / c["n"] for a in ATTACKS}}
-    controls = {"training synonyms": world.harmful_words(world.TRAINING_CONCEPTS, "train"),
-                "benign objects": world.BENIGN_OBJECTS}
-    asked = list(words) + [w for kind in controls.values() for w in kind]
-    records = [Record(kind="benign", messages=[{"role": "user", "content": world.grounding(w)[0]}]) for w in asked]
-    grounded = {w: grounds(response, w) for w, response in zip(asked, generate(model, formatter, records))}
+    items = load_records("organism:eval_grounding")  # "define <word>" for every object word
+    answers = generate(model, formatter, items)
+    grounded = {r.meta["object"]: judge(r, response) == "success" for r, response in zip(items, answers)}
     for word in words:
         words[word]["grounded"] = grounded[word]
     # the same question on words the defenses trained on and on benign ones: whether the model still
     # answers "define <word>" at all, which benign accuracy (tasks on digits) does not ask
-    return {"words": words, "grounding": {kind: sum(grounded[w] for w in ws) / len(ws) for kind, ws in controls.items()}}
+    controls = {"training synonyms": world.harmful_words(world.TRAINING_CONCEPTS, "train"),
+                "benign objects": world.BENIGN_OBJECTS}
+    return {"words": words,
+            "grounding": {kind: sum(grounded[w] for w in ws) / len(ws) for kind, ws in controls.items()}}
 
 
 def summary(words: dict, split: str) -> dict:

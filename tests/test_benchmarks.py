@@ -383,14 +383,6 @@ def test_harm_probe_reports_each_splits_share_per_layer(tmp_path, capsys):
     assert "object-word states" in (tmp_path / "harm_probe_object.md").read_text()
 
 
-def test_grounding_answers_are_read_exactly():
-    from benchmarks.heldout_words import grounds
-
-    assert grounds("ok : weapon", "shotgun") and grounds(" ok :  poison ", "arsenic")
-    assert not grounds("ok :", "shotgun")  # what recipe version 3 answered: "weapon" was not a word
-    assert not grounds("ok : poison", "shotgun") and not grounds("ok : weapon please", "shotgun")
-
-
 def test_heldout_words_counts_every_behaviour_of_each_held_out_split_by_word(tmp_path):
     from benchmarks import heldout_words
     from lit_safety.data import load_records
