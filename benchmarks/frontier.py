@@ -134,10 +134,18 @@ def markdown(points: dict, seeds: int, n: int) -> str:
         return "\n".join(lines + ["", "The base is not measured yet: no capability bar to name the best setting by."]) + "\n"
     base = points["base"]["-"]
     lines += ["", "Best on each axis, among settings that keep chat benign accuracy within 1 point of the base "
-              f"({base['benign_accuracy']['A']['mean']:.2f}) and raw / system-turn within 3:", ""]
-    kept = {(m, s): p for m, settings in points.items() if m != "base" for s, p in settings.items()
-            if p["benign_accuracy"]["A"]["mean"] >= base["benign_accuracy"]["A"]["mean"] - 0.01
-            and all(p["benign_accuracy"][f]["mean"] >= base["benign_accuracy"][f]["mean"] - 0.03 for f in ("B", "C"))}
+              f"({base['benign_accuracy']['A']['mean']:.2f}) and raw / system-turn within 3 (grounding too, where "
+              "both measured it):", ""]
+
+    def keeps(p: dict) -> bool:
+        third = {f: p["benign_accuracy"][f]["mean"] for f in ("B", "C")}
+        bar = {f: base["benign_accuracy"][f]["mean"] for f in ("B", "C")}
+        if "grounding" in p and "grounding" in base:
+            third["grounding"], bar["grounding"] = p["grounding"]["mean"], base["grounding"]["mean"]
+        return (p["benign_accuracy"]["A"]["mean"] >= base["benign_accuracy"]["A"]["mean"] - 0.01
+                and all(third[k] >= bar[k] - 0.03 for k in third))
+
+    kept = {(m, s): p for m, settings in points.items() if m != "base" for s, p in settings.items() if keeps(p)}
     axes = {f"worst case on {s}": lambda p, s=s: p["worst_case"][s] for s in HELD_OUT}
     axes.update({f"inference-time worst case on {s}": lambda p, s=s: p.get("worst_case_inference", {}).get(s)
                  for s in HELD_OUT})

@@ -144,6 +144,12 @@ def test_frontier_reports_the_embedding_budgets_of_the_targets_and_the_best_sett
     points["base"]["-"] = point([knows])
     assert "| 0.90 | 0.90 | 0.90 | 0.25 | 1 | 1 |" in markdown(points, seeds=2, n=10)
     assert "| 0.95 | 0.95 | 0.95 | — | 1 | 1 |" in markdown(points, seeds=2, n=10)  # b: not measured
+    points["base"]["-"] = point([{**knows, "benign_accuracy": {**knows["benign_accuracy"], "grounding": 1.0}}])
+    assert "- inference-time worst case on heldout_synonym: b at 1, 0.40" in markdown(points, seeds=2, n=10)
+    lost = {**run(0.8, 0.6, 0.95, inference=0.4), "benign_accuracy": {**{f: 0.95 for f in "ABC"}, "grounding": 0.25}}
+    points["b"]["1"] = point([lost])  # b lost what the base knows of its words: no longer a capability-kept point
+    assert ("- inference-time worst case on heldout_synonym: no setting that keeps benign accuracy"
+            in markdown(points, seeds=2, n=10))
     points["a"]["2"] = point([{**run(0.5, 0.0, 0.5), "base_model": {"name": "organism", "sha256": "f" * 64}}])
     points["b"]["1"] = point([{**run(0.8, 0.6, 0.95), "base_model": {"name": "organism", "sha256": "e" * 64}}])
     assert f"Organism builds {'e' * 12}, {'f' * 12}: points of different builds are not comparable" in markdown(
