@@ -15,8 +15,8 @@ setting of any method has both lower ASR there and higher chat benign accuracy. 
 methods a run does not sweep are kept from the frontier.json it replaces, if that was measured with
 as many seeds and behaviours on the same organism build.
 
-One (setting, seed) costs from a quarter of an hour to an hour on two CPU cores, so the frontier
-accumulates: runs finished in --work are reused, and ``--finished`` tables what is there without
+One (setting, seed) costs from minutes (a model the attacks break at once) to over half an hour (one
+that holds GCG to its budget) on two CPU cores, so the frontier accumulates: runs finished in --work are reused, and ``--finished`` tables what is there without
 running anything (a setting with fewer finished seeds shows those it has in its seeds column).
 """
 
