@@ -46,8 +46,10 @@ def interval_cell(rate: dict) -> str:
 
 
 def spread(values: list[float]) -> dict:
-    """Mean, min and max of one figure over seeds, with the values."""
-    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "values": values}
+    """Mean, min and max of one figure over seeds, with the values (the mean kept within them: summed
+    floats can land a hair outside, and error bars from mean to min must not be negative)."""
+    low, high = min(values), max(values)
+    return {"mean": min(max(statistics.fmean(values), low), high), "min": low, "max": high, "values": values}
 
 
 def spread_cell(summary: dict | None) -> str:

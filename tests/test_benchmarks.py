@@ -408,3 +408,14 @@ def test_heldout_words_counts_every_behaviour_of_each_held_out_split_by_word(tmp
     assert all(f"| {w} | {v['split']} |" in text for w, v in words.items()) and "of the behaviours name a word" in text
     assert "Grounding items answered as taught: training synonyms" in text
     assert weights_checksum(model_dir())[:12] in text
+
+
+def test_frontier_plots_seeds_that_agree(tmp_path):
+    from benchmarks.common import spread
+    from benchmarks.frontier import plot, point
+
+    assert spread([0.99] * 3)["mean"] == 0.99  # fmean gives 0.98999...: a negative error bar
+    run = {"asr": {"worst_case": {s: {"rate": 1.0} for s in ("heldout_synonym", "heldout_concept")}},
+           "benign_accuracy": {f: 0.99 for f in "ABC"}, "train_seconds": 1.0}
+    plot({"base": {"-": point([run] * 3)}}, str(tmp_path / "f.png"))
+    assert (tmp_path / "f.png").stat().st_size > 0
