@@ -153,9 +153,13 @@ def markdown(points: dict, seeds: int, n: int) -> str:
                  for b in EMBEDDING_BUDGETS})
     for axis, cell in axes.items():
         measured = {key: cell(p) for key, p in kept.items() if cell(p) is not None}
+        reference = cell(base)
         if measured:
             (method, setting), best = min(measured.items(), key=lambda item: item[1]["mean"])
-            lines.append(f"- {axis}: {method} at {setting}, {spread_cell(best)}")
+            if reference is not None and best["mean"] >= reference["mean"]:
+                lines.append(f"- {axis}: none below the base ({spread_cell(reference)})")
+            else:
+                lines.append(f"- {axis}: {method} at {setting}, {spread_cell(best)}")
         else:
             lines.append(f"- {axis}: no setting that keeps benign accuracy was measured there")
     return "\n".join(lines) + "\n"

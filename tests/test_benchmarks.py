@@ -136,7 +136,7 @@ def test_frontier_reports_the_embedding_budgets_of_the_targets_and_the_best_sett
     assert "- worst case on heldout_synonym: b at 1, 0.80" in text
     assert "- inference-time worst case on heldout_synonym: b at 1, 0.40" in text
     assert "- embedding @300 on heldout_synonym: a at 1, 0.30 (0.20-0.40)" in text
-    assert "- embedding @1000 on heldout_synonym: a at 1, 1.00" in text
+    assert "- embedding @1000 on heldout_synonym: none below the base (1.00)" in text  # a ties the base
     assert "Organism build" not in text  # these results do not say which build they were measured on
     knows = {**run(1.0, 1.0, 0.9), "benign_accuracy": {**{f: 0.9 for f in "ABC"}, "grounding": 0.25}}
     assert point([knows, knows])["grounding"]["mean"] == 0.25
