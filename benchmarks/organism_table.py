@@ -69,12 +69,16 @@ def reusable(result: dict | None, n: int) -> bool:
     as built now (a file that only carries a training time is not; a run on an earlier build is measured
     again rather than mixed with this one's)."""
     return (result is not None and result.get("n") == n
-            and (result.get("base_model") or {}).get("sha256") == organism_build(current_recipe().key))
+            and (result.get("base_model") or {}).get("sha256") == organism_build())
+
+
+def organism_build() -> str:
+    """The checksum of the organism's weights as the current recipe builds them."""
+    return _build_checksum(current_recipe().key)
 
 
 @functools.lru_cache
-def organism_build(recipe: str) -> str:
-    """The checksum of the organism's weights as built by ``recipe`` (its key)."""
+def _build_checksum(recipe: str) -> str:  # one hash per recipe key: reuse checks call this per run
     return weights_checksum(model_dir())
 
 
