@@ -32,7 +32,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import ROOT, atomic_write, organism_builds, spread, spread_cell
-from benchmarks.organism_table import METHODS, evaluate_method, organism_build, result_path, reusable, saved_result
+from benchmarks.organism_table import (METHODS, evaluate_method, organism_build, result_path, reusable, saved_result,
+                                       setting_key)
 
 # method -> (its main knob, three settings: weaker to stronger)
 KNOBS = {
@@ -226,14 +227,14 @@ def main(argv: list[str] | None = None) -> None:
 
     def measure(method: str, config: str | None, setting, options: list[str]) -> None:
         name = method if config is None else f"{method}_{setting}"
+        extra = (*options, *args.extra, *SUITE_OPTIONS)
         if args.finished:
             runs = [r for r in (saved_result(result_path(args.work, name, seed)) for seed in range(args.seeds))
-                    if reusable(r, args.n)]
+                    if reusable(r, args.n, setting_key(config, extra))]
             if not runs:
                 return
         else:
-            runs = [evaluate_method(name, config, seed, args.n, args.work, reuse=True,
-                                    extra=(*options, *args.extra, *SUITE_OPTIONS))
+            runs = [evaluate_method(name, config, seed, args.n, args.work, reuse=True, extra=extra)
                     for seed in range(args.seeds)]
         points.setdefault(method, {})[str(setting)] = point(runs)
         write()

@@ -19,17 +19,21 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import functools
+import hashlib
 import json
 import os
 import shutil
 import sys
 import time
 
+import yaml
+
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import ROOT, WORST_CASES, atomic_write, organism_builds, run, spread, spread_cell
 from lit_safety.cache import weights_checksum
+from lit_safety.cli import FRAGMENTS, SHIPPED
 from lit_safety.organism import model_dir
 from lit_safety.organism.builder import current_recipe
 
@@ -50,6 +54,7 @@ METHODS = {
     "triplet_suffix_refusal": "configs/triplet_suffix_refusal.yaml",
     "triplet_suffix_refusal_lengths": "configs/triplet_suffix_refusal_lengths.yaml",
 }
+EVALUATE = "configs/evaluate.yaml"  # the untrained base's test config
 SPLITS = ["train", "heldout_synonym", "heldout_concept", "format_b", "format_c"]
 
 
@@ -64,12 +69,33 @@ def saved_result(path: str) -> dict | None:
         return json.load(f)
 
 
-def reusable(result: dict | None, n: int) -> bool:
+def reusable(result: dict | None, n: int, setting: str) -> bool:
     """Whether a saved result is a finished one measured with ``n`` behaviours per split on the organism
-    as built now (a file that only carries a training time is not; a run on an earlier build is measured
-    again rather than mixed with this one's)."""
-    return (result is not None and result.get("n") == n
+    as built now, of ``setting`` (``setting_key``): a file that only carries a training time is not; a run
+    on an earlier build, or of a config edited since, is measured again rather than mixed with this one's."""
+    return (result is not None and result.get("n") == n and result.get("setting") == setting
             and (result.get("base_model") or {}).get("sha256") == organism_build())
+
+
+def setting_key(config: str | None, extra: tuple[str, ...]) -> str:
+    """What a run is asked to do, as a checksum: the text of its config (``configs/evaluate.yaml`` for
+    the untrained base), of the config files that one names (its attack suite), and the options added."""
+    path = os.path.join(ROOT, config or EVALUATE)
+    with open(path) as f:
+        named = yaml.safe_load(f) or {}
+    files = [path] + [fragment_path(path, named[key]) for key in FRAGMENTS
+                      if isinstance(named.get(key), str) and named[key].endswith((".yaml", ".yml"))]
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            digest.update(f.read())
+    digest.update("\0".join(extra).encode())
+    return digest.hexdigest()[:16]
+
+
+def fragment_path(config: str, fragment: str) -> str:  # where the CLI finds it (lit_safety.cli.resolve_fragments)
+    local = os.path.join(os.path.dirname(os.path.abspath(config)), fragment)
+    return local if os.path.isfile(local) else os.path.join(SHIPPED, fragment)
 
 
 def organism_build() -> str:
@@ -87,12 +113,13 @@ def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str,
     os.makedirs(work, exist_ok=True)
     saved = result_path(work, name, seed)
     previous = saved_result(saved)
-    if reuse and reusable(previous, n):
+    setting = setting_key(config, extra)
+    if reuse and reusable(previous, n, setting):
         return previous
     logger = ["--trainer.logger.init_args.save_dir", work, "--trainer.enable_progress_bar=false"]
     train_seconds = 0.0
     checkpoint = os.path.join(work, name, f"seed{seed}", "checkpoints", "last.ckpt")
-    test = ["test", "--config", config or "configs/evaluate.yaml", f"--data.init_args.test_size={n}", *logger,
+    test = ["test", "--config", config or EVALUATE, f"--data.init_args.test_size={n}", *logger,
             "--trainer.logger.init_args.name", f"{name}_test", "--trainer.logger.init_args.version", f"seed{seed}",
             *extra]
     if config is not None and keep_checkpoints and os.path.isfile(checkpoint):
@@ -107,7 +134,8 @@ def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str,
         test += ["--ckpt_path", checkpoint]
     eval_seconds = run(test, os.path.join(work, f"{name}_seed{seed}_test.log"), threads)
     with open(os.path.join(work, f"{name}_test", f"seed{seed}", "eval_results.json")) as f:
-        results = {**json.load(f), "train_seconds": train_seconds, "eval_seconds": eval_seconds, "n": n}
+        results = {**json.load(f), "train_seconds": train_seconds, "eval_seconds": eval_seconds, "n": n,
+                   "setting": setting}
     atomic_write(saved, json.dumps(results))
     return results
 
@@ -290,7 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     order = sorted(args.methods, key=lambda m: METHODS[m] is None)
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         wall = os.path.join(args.work, f"seed{seed}_wall.json")
-        reused = [m for m in args.methods if args.reuse and reusable(saved_result(result_path(args.work, m, seed)), args.n)]
+        reused = [m for m in args.methods if args.reuse and reusable(saved_result(result_path(args.work, m, seed)), args.n,
+                                                            setting_key(METHODS[m], tuple(args.extra)))]
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             futures = {m: pool.submit(evaluate_method, m, METHODS[m], seed, args.n, args.work, args.reuse, threads,

@@ -68,26 +68,30 @@ def test_frontier_measures_each_setting_of_a_methods_knob(tmp_path, quick_suite)
 def test_frontier_finished_tables_the_seeds_that_finished_and_runs_nothing(tmp_path, monkeypatch):
     from benchmarks import frontier
 
-    def result(worst, accuracy):
+    def result(worst, accuracy, setting=None):
         rates = {s: {"rate": worst} for s in frontier.HELD_OUT}
+        config, options = ("configs/refat.yaml", (f"--model.init_args.ablation_probability={setting}",)) if setting \
+            else (None, ())
         return {"asr": {"worst_case": rates, "worst_case_inference": rates}, "curves": {},
                 "benign_accuracy": {f: accuracy for f in "ABC"}, "train_seconds": 10.0, "n": 4,
-                "base_model": {"name": "organism", "sha256": weights_checksum(model_dir())}}
+                "base_model": {"name": "organism", "sha256": weights_checksum(model_dir())},
+                "setting": organism_table.setting_key(config, (*options, *frontier.SUITE_OPTIONS))}
 
     work = tmp_path / "work"
     work.mkdir()
     finished = {"base_seed0": result(1.0, 0.9), "base_seed1": result(1.0, 0.9), "base_seed2": result(0.5, 0.9),
-                "refat_0.25_seed1": result(0.5, 0.8), "refat_0.5_seed0": result(0.2, 0.9),
-                "refat_0.5_seed2": result(0.4, 0.9)}
+                "refat_0.25_seed1": result(0.5, 0.8, 0.25), "refat_0.5_seed0": result(0.2, 0.9, 0.5),
+                "refat_0.5_seed2": result(0.4, 0.9, 0.5)}
     for name, r in finished.items():
         (work / f"{name}_result.json").write_text(json.dumps(r))
-    (work / "refat_1.0_seed0_result.json").write_text(json.dumps({**result(0.0, 0.9), "n": 50}))  # other n
-    earlier_build = {**result(0.0, 0.9), "base_model": {"name": "organism", "sha256": "0" * 64}}
+    (work / "refat_1.0_seed0_result.json").write_text(json.dumps({**result(0.0, 0.9, 1.0), "n": 50}))  # other n
+    earlier_build = {**result(0.0, 0.9, 1.0), "base_model": {"name": "organism", "sha256": "0" * 64}}
     (work / "refat_1.0_seed1_result.json").write_text(json.dumps(earlier_build))  # another organism
+    (work / "refat_1.0_seed2_result.json").write_text(json.dumps(result(0.0, 0.9, 0.5)))  # another setting
     monkeypatch.setattr(frontier, "evaluate_method", lambda *a, **k: pytest.fail("--finished ran a command"))
     frontier.main(["--finished", "--methods", "refat", "--n", "4", "--out", str(tmp_path), "--work", str(work)])
     points = json.loads((tmp_path / "frontier.json").read_text())["points"]
-    assert set(points["refat"]) == {"0.25", "0.5"}  # 1.0 finished only with another n or on another build
+    assert set(points["refat"]) == {"0.25", "0.5"}  # 1.0 finished only with another n, build or setting
     assert points["refat"]["0.5"]["worst_case"]["heldout_synonym"]["values"] == [0.2, 0.4]
     text = (tmp_path / "frontier.md").read_text()
     assert "| refat* | ablation_probability = 0.5 | 0.30 (0.20-0.40) |" in text and text.count(" | 2 |\n") == 1
@@ -419,3 +423,17 @@ def test_frontier_plots_seeds_that_agree(tmp_path):
            "benign_accuracy": {f: 0.99 for f in "ABC"}, "train_seconds": 1.0}
     plot({"base": {"-": point([run] * 3)}}, str(tmp_path / "f.png"))
     assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_a_saved_run_is_of_the_setting_its_config_and_suite_and_options_say(tmp_path):
+    shipped = organism_table.setting_key("configs/refat.yaml", ("--model.init_args.ablation_probability=0.5",))
+    config = tmp_path / "refat.yaml"
+    config.write_text(open(f"{organism_table.ROOT}/configs/refat.yaml").read())  # the same text elsewhere
+    assert organism_table.setting_key(str(config), ("--model.init_args.ablation_probability=0.5",)) == shipped
+    assert organism_table.setting_key(str(config), ("--model.init_args.ablation_probability=1.0",)) != shipped
+    suite = open(f"{organism_table.ROOT}/configs/suite.yaml").read()
+    (tmp_path / "suite.yaml").write_text(suite.replace("steps: 500", "steps: 50"))  # found beside the config
+    assert organism_table.setting_key(str(config), ("--model.init_args.ablation_probability=0.5",)) != shipped
+    (tmp_path / "suite.yaml").unlink()
+    config.write_text(config.read_text().replace("max_steps: ", "max_steps: 1"))
+    assert organism_table.setting_key(str(config), ("--model.init_args.ablation_probability=0.5",)) != shipped
