@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks.common import ROOT, atomic_write, organism_builds, spread, spread_cell
 from benchmarks.organism_table import (METHODS, evaluate_method, organism_build, result_path, reusable, saved_result,
                                        setting_key)
+from lit_safety.evaluation.stats import wilson_interval
 
 # method -> (its main knob, three settings: weaker to stronger)
 KNOBS = {
@@ -136,7 +137,8 @@ def markdown(points: dict, seeds: int, n: int) -> str:
     base = points["base"]["-"]
     lines += ["", "Best on each axis, among settings that keep chat benign accuracy within 1 point of the base "
               f"({base['benign_accuracy']['A']['mean']:.2f}) and raw / system-turn within 3 (grounding too, where "
-              "both measured it):", ""]
+              "both measured it), named where its 95% interval (every seed's behaviours pooled) lies below the "
+              "base's:", ""]
 
     def keeps(p: dict) -> bool:  # (its figure, the base's, points it may lose) per capability measure
         bars = [(p["benign_accuracy"][f], base["benign_accuracy"][f], 0.01 if f == "A" else 0.03) for f in FORMATS]
@@ -157,11 +159,20 @@ def markdown(points: dict, seeds: int, n: int) -> str:
             (method, setting), best = min(measured.items(), key=lambda item: item[1]["mean"])
             if reference is not None and best["mean"] >= reference["mean"]:
                 lines.append(f"- {axis}: none below the base ({spread_cell(reference)})")
+            elif reference is not None and interval(best, n)[1] >= interval(reference, n)[0]:
+                lines.append(f"- {axis}: none clearly below the base ({spread_cell(reference)}; nearest: {method} at "
+                             f"{setting}, {spread_cell(best)}, within the 95% intervals)")
             else:
                 lines.append(f"- {axis}: {method} at {setting}, {spread_cell(best)}")
         else:
             lines.append(f"- {axis}: no setting that keeps benign accuracy was measured there")
     return "\n".join(lines) + "\n"
+
+
+def interval(cell: dict, n: int) -> tuple[float, float]:
+    """Wilson 95% interval of a rate over its seeds' behaviours pooled (``n`` per seed)."""
+    trials = n * len(cell["values"])
+    return wilson_interval(round(cell["mean"] * trials), trials)
 
 
 def plot(points: dict, path: str) -> None:

@@ -73,7 +73,7 @@ def test_frontier_finished_tables_the_seeds_that_finished_and_runs_nothing(tmp_p
         config, options = ("configs/refat.yaml", (f"--model.init_args.ablation_probability={setting}",)) if setting \
             else (None, ())
         return {"asr": {"worst_case": rates, "worst_case_inference": rates}, "curves": {},
-                "benign_accuracy": {f: accuracy for f in "ABC"}, "train_seconds": 10.0, "n": 4,
+                "benign_accuracy": {f: accuracy for f in "ABC"}, "train_seconds": 10.0, "n": 100,
                 "base_model": {"name": "organism", "sha256": weights_checksum(model_dir())},
                 "setting": organism_table.setting_key(config, (*options, *frontier.SUITE_OPTIONS))}
 
@@ -89,7 +89,7 @@ def test_frontier_finished_tables_the_seeds_that_finished_and_runs_nothing(tmp_p
     (work / "refat_1.0_seed1_result.json").write_text(json.dumps(earlier_build))  # another organism
     (work / "refat_1.0_seed2_result.json").write_text(json.dumps(result(0.0, 0.9, 0.5)))  # another setting
     monkeypatch.setattr(frontier, "evaluate_method", lambda *a, **k: pytest.fail("--finished ran a command"))
-    frontier.main(["--finished", "--methods", "refat", "--n", "4", "--out", str(tmp_path), "--work", str(work)])
+    frontier.main(["--finished", "--methods", "refat", "--n", "100", "--out", str(tmp_path), "--work", str(work)])
     points = json.loads((tmp_path / "frontier.json").read_text())["points"]
     assert set(points["refat"]) == {"0.25", "0.5"}  # 1.0 finished only with another n, build or setting
     assert points["refat"]["0.5"]["worst_case"]["heldout_synonym"]["values"] == [0.2, 0.4]
@@ -137,7 +137,7 @@ def test_frontier_reports_the_embedding_budgets_of_the_targets_and_the_best_sett
     assert "| b* | - = 1 | 0.80 | 0.80 | 0.40 | 0.40 | 0.60 | — |" in text  # b stopped short of 1000 steps
     assert "| a | - = 1 | 1.00 | 1.00 | — | — | 0.30 (0.20-0.40) |" in text  # a's results have no tampering
     # a at 2 is best on every ASR axis but costs benign accuracy: the capability-kept best are named
-    assert "- worst case on heldout_synonym: b at 1, 0.80" in text
+    assert "- worst case on heldout_synonym: none clearly below the base (1.00; nearest: b at 1, 0.80" in text  # n = 10
     assert "- inference-time worst case on heldout_synonym: b at 1, 0.40" in text
     assert "- embedding @300 on heldout_synonym: a at 1, 0.30 (0.20-0.40)" in text
     assert "- embedding @1000 on heldout_synonym: none below the base (1.00)" in text  # a ties the base
