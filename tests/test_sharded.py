@@ -39,7 +39,8 @@ METHODS = {
     "triplet_lat": ["--model.mining_fraction=0.3", "--model.mining_steps=2", "--model.mining_suffix_init=ok"],
     "lat": ["--model.adversary.layers=[0, 1]", "--model.adversary.steps=2"],
     "lat_suffix": ["--model.adversary.steps=2", "--model.adversary.suffix_init=ok"],
-    "circuit_breaker": [],
+    # Every step clipped: the norm must be the whole model's, not a shard's, to train like one process.
+    "circuit_breaker": ["--trainer.gradient_clip_val=0.01"],
 }
 TOLERANCE = 1e-9  # relative, per adapter tensor
 # Refused under FSDP (one backward per forward).

@@ -319,13 +319,21 @@ class SafetyModule(L.LightningModule):
                                "(the CLI adds the config's `evaluation`)")
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        norm = self.gradient_norm()
+        if norm is not None:
+            self.log("train/grad_norm", norm, batch_size=1)
+
+    def gradient_norm(self) -> Tensor | None:
+        """The L2 norm of the trainable gradients, over every rank's shards (None before any backward)."""
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
-        if grads:
-            # Under sharding each rank holds a shard of every gradient (FSDP2: a DTensor's local part).
-            squares = torch.stack([getattr(g, "_local_tensor", g).detach().float().pow(2).sum() for g in grads]).sum()
-            if self._sharded():
-                torch.distributed.all_reduce(squares)
-            self.log("train/grad_norm", squares.sqrt(), batch_size=1)
+        if not grads:
+            return None
+        # Under sharding each rank holds a shard of every gradient (FSDP2: a DTensor's local part).
+        squares = torch.stack([getattr(g, "_local_tensor", g).detach().to(torch.promote_types(g.dtype, torch.float32))
+                               .pow(2).sum() for g in grads]).sum()
+        if self._sharded():
+            torch.distributed.all_reduce(squares)
+        return squares.sqrt()
 
     def _sharded(self) -> bool:
         return self._trainer is not None and (isinstance(self.trainer.strategy, FSDPStrategy)
@@ -333,6 +341,18 @@ class SafetyModule(L.LightningModule):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Sharded gradients are clipped by the whole model's norm, as torch.nn.utils.clip_grad_norm_ does in
+        # one process (Lightning's FSDP plugin refuses norm clipping; FSDP's own computes it in float32).
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and self._sharded():
+            norm = self.gradient_norm()
+            scale = min(1.0, gradient_clip_val / (float(norm) + 1e-6)) if norm is not None else 1.0
+            for p in self.trainable_parameters():
+                if p.grad is not None and scale < 1.0:
+                    p.grad.mul_(scale)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.trainable_parameters())
