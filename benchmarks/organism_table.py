@@ -318,8 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     order = sorted(args.methods, key=lambda m: METHODS[m] is None)
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         wall = os.path.join(args.work, f"seed{seed}_wall.json")
-        reused = [m for m in args.methods if args.reuse and reusable(saved_result(result_path(args.work, m, seed)), args.n,
-                                                            setting_key(METHODS[m], tuple(args.extra)))]
+        reused = [m for m in args.methods if args.reuse and reusable(
+            saved_result(result_path(args.work, m, seed)), args.n, setting_key(METHODS[m], tuple(args.extra)))]
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             futures = {m: pool.submit(evaluate_method, m, METHODS[m], seed, args.n, args.work, args.reuse, threads,
