@@ -240,8 +240,9 @@ def main(argv: list[str] | None = None) -> None:
         name = method if config is None else f"{method}_{setting}"
         extra = (*options, *args.extra, *SUITE_OPTIONS)
         if args.finished:
+            key = setting_key(config, extra)
             runs = [r for r in (saved_result(result_path(args.work, name, seed)) for seed in range(args.seeds))
-                    if reusable(r, args.n, setting_key(config, extra))]
+                    if reusable(r, args.n, key)]
             if not runs:
                 return
         else:

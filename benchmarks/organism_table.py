@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 from benchmarks.common import ROOT, WORST_CASES, atomic_write, organism_builds, run, spread, spread_cell
 from lit_safety.cache import weights_checksum
-from lit_safety.cli import FRAGMENTS, SHIPPED
+from lit_safety.cli import FRAGMENTS, fragment_path
 from lit_safety.organism import model_dir
 from lit_safety.organism.builder import current_recipe
 
@@ -83,19 +83,13 @@ def setting_key(config: str | None, extra: tuple[str, ...]) -> str:
     path = os.path.join(ROOT, config or EVALUATE)
     with open(path) as f:
         named = yaml.safe_load(f) or {}
-    files = [path] + [fragment_path(path, named[key]) for key in FRAGMENTS
-                      if isinstance(named.get(key), str) and named[key].endswith((".yaml", ".yml"))]
+    files = [path] + [file for file in (fragment_path(path, named.get(key)) for key in FRAGMENTS) if file]
     digest = hashlib.sha256()
     for file in files:
         with open(file, "rb") as f:
             digest.update(f.read())
     digest.update("\0".join(extra).encode())
     return digest.hexdigest()[:16]
-
-
-def fragment_path(config: str, fragment: str) -> str:  # where the CLI finds it (lit_safety.cli.resolve_fragments)
-    local = os.path.join(os.path.dirname(os.path.abspath(config)), fragment)
-    return local if os.path.isfile(local) else os.path.join(SHIPPED, fragment)
 
 
 def organism_build() -> str:

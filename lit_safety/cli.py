@@ -168,17 +168,26 @@ def resolve_fragments(args: list[str]) -> list[str]:
             config = yaml.safe_load(f)
         if not isinstance(config, dict):
             continue
-        here, changed = os.path.dirname(os.path.abspath(path)), False
+        changed = False
         for key in FRAGMENTS:
             value = config.get(key)
-            if isinstance(value, str) and value.endswith((".yaml", ".yml")) and not os.path.isabs(value):
-                local, shipped = os.path.join(here, value), os.path.join(SHIPPED, value)
-                config[key] = local if os.path.isfile(local) or not os.path.isfile(shipped) else shipped
-                changed |= config[key] == shipped
+            found = fragment_path(path, value)
+            if found is not None and not os.path.isabs(value):
+                config[key] = found
+                changed |= found == os.path.join(SHIPPED, value)
         if changed:  # every fragment file is now absolute, so the config may be read from a string
             text = yaml.safe_dump(config)
             out[i] = text if out[i] == path else f"--config={text}"
     return out
+
+
+def fragment_path(config: str, value: object) -> str | None:
+    """The file a fragment of ``config`` names (``evaluation: suite.yaml``): beside that config, else among
+    the shipped configs; None if ``value`` names no config file."""
+    if not (isinstance(value, str) and value.endswith((".yaml", ".yml"))):
+        return None
+    local, shipped = os.path.join(os.path.dirname(os.path.abspath(config)), value), os.path.join(SHIPPED, value)
+    return local if os.path.isfile(local) or not os.path.isfile(shipped) else shipped
 
 
 def check_checkpoint_path(args: list[str]) -> None:

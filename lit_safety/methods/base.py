@@ -347,10 +347,10 @@ class SafetyModule(L.LightningModule):
         # one process (Lightning's FSDP plugin refuses norm clipping; FSDP's own computes it in float32).
         if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and self._sharded():
             norm = self.gradient_norm()
-            scale = min(1.0, gradient_clip_val / (float(norm) + 1e-6)) if norm is not None else 1.0
-            for p in self.trainable_parameters():
-                if p.grad is not None and scale < 1.0:
-                    p.grad.mul_(scale)
+            if norm is not None and (scale := gradient_clip_val / (float(norm) + 1e-6)) < 1.0:
+                for p in self.trainable_parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
