@@ -138,7 +138,7 @@ def markdown(points: dict, seeds: int, n: int) -> str:
     lines += ["", "Best on each axis, among settings that keep chat benign accuracy within 1 point of the base "
               f"({base['benign_accuracy']['A']['mean']:.2f}) and raw / system-turn within 3 (grounding too, where "
               "both measured it), named where its 95% interval (every seed's behaviours pooled) lies below the "
-              "base's:", ""]
+              "base's; then, where another setting is, the lowest at any capability cost:", ""]
 
     def keeps(p: dict) -> bool:  # (its figure, the base's, points it may lose) per capability measure
         bars = [(p["benign_accuracy"][f], base["benign_accuracy"][f], 0.01 if f == "A" else 0.03) for f in FORMATS]
@@ -146,26 +146,34 @@ def markdown(points: dict, seeds: int, n: int) -> str:
             bars.append((p["grounding"], base["grounding"], 0.03))
         return all(mine["mean"] >= theirs["mean"] - loss for mine, theirs, loss in bars)
 
-    kept = {(m, s): p for m, settings in points.items() if m != "base" for s, p in settings.items() if keeps(p)}
+    every = {(m, s): p for m, settings in points.items() if m != "base" for s, p in settings.items()}
+    kept = {key: p for key, p in every.items() if keeps(p)}
     axes = {f"worst case on {s}": lambda p, s=s: p["worst_case"][s] for s in HELD_OUT}
     axes.update({f"inference-time worst case on {s}": lambda p, s=s: p.get("worst_case_inference", {}).get(s)
                  for s in HELD_OUT})
     axes.update({f"embedding @{b} on heldout_synonym": lambda p, b=b: p.get("embedding", {}).get(b)
                  for b in EMBEDDING_BUDGETS})
+
+    def best(candidates: dict, cell, reference: dict | None) -> tuple[tuple | None, str]:
+        """The lowest setting on an axis and its verdict: named only if clearly below the base."""
+        measured = {key: cell(p) for key, p in candidates.items() if cell(p) is not None}
+        if not measured:
+            return None, "no setting that keeps benign accuracy was measured there"
+        (method, setting), low = min(measured.items(), key=lambda item: item[1]["mean"])
+        if reference is not None and low["mean"] >= reference["mean"]:
+            return None, f"none below the base ({spread_cell(reference)})"
+        if reference is not None and interval(low, n)[1] >= interval(reference, n)[0]:
+            return None, (f"none clearly below the base ({spread_cell(reference)}; nearest: {method} at {setting}, "
+                          f"{spread_cell(low)}, within the 95% intervals)")
+        return (method, setting), f"{method} at {setting}, {spread_cell(low)}"
+
     for axis, cell in axes.items():
-        measured = {key: cell(p) for key, p in kept.items() if cell(p) is not None}
-        reference = cell(base)
-        if measured:
-            (method, setting), best = min(measured.items(), key=lambda item: item[1]["mean"])
-            if reference is not None and best["mean"] >= reference["mean"]:
-                lines.append(f"- {axis}: none below the base ({spread_cell(reference)})")
-            elif reference is not None and interval(best, n)[1] >= interval(reference, n)[0]:
-                lines.append(f"- {axis}: none clearly below the base ({spread_cell(reference)}; nearest: {method} at "
-                             f"{setting}, {spread_cell(best)}, within the 95% intervals)")
-            else:
-                lines.append(f"- {axis}: {method} at {setting}, {spread_cell(best)}")
-        else:
-            lines.append(f"- {axis}: no setting that keeps benign accuracy was measured there")
+        named, verdict = best(kept, cell, cell(base))
+        costly, costly_verdict = best(every, cell, cell(base))
+        if costly is not None and costly != named:  # the trade-off: what the capability bar rules out
+            accuracy = ", ".join(f"{FORMATS[f]} {spread_cell(every[costly]['benign_accuracy'][f])}" for f in FORMATS)
+            verdict += f"; at any capability cost: {costly_verdict} ({accuracy})"
+        lines.append(f"- {axis}: {verdict}")
     return "\n".join(lines) + "\n"
 
 

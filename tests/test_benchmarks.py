@@ -138,8 +138,12 @@ def test_frontier_reports_the_embedding_budgets_of_the_targets_and_the_best_sett
     assert "| a | - = 1 | 1.00 | 1.00 | — | — | 0.30 (0.20-0.40) |" in text  # a's results have no tampering
     # a at 2 is best on every ASR axis but costs benign accuracy: the capability-kept best are named
     assert "- worst case on heldout_synonym: none clearly below the base (1.00; nearest: b at 1, 0.80" in text  # n = 10
-    assert "- inference-time worst case on heldout_synonym: b at 1, 0.40" in text
-    assert "- embedding @300 on heldout_synonym: a at 1, 0.30 (0.20-0.40)" in text
+    assert "- inference-time worst case on heldout_synonym: b at 1, 0.40\n" in text  # a at 2 did not measure it
+    # the trade-off the capability bar rules out is named beside the kept best
+    assert ("- embedding @300 on heldout_synonym: a at 1, 0.30 (0.20-0.40); at any capability cost: a at 2, 0.00 "
+            "(chat 0.50, raw 0.50, system turn 0.50)\n") in text
+    assert "- worst case on heldout_concept: none clearly below the base (1.00; nearest: b at 1, 0.80" in text
+    assert "cost: a at 2, 0.50" not in text  # 0.50 of 10 behaviours is not clearly below the base's 1.00
     assert "- embedding @1000 on heldout_synonym: none below the base (1.00)" in text  # a ties the base
     assert "Organism build" not in text  # these results do not say which build they were measured on
     knows = {**run(1.0, 1.0, 0.9), "benign_accuracy": {**{f: 0.9 for f in "ABC"}, "grounding": 0.25}}
