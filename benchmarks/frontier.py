@@ -183,30 +183,50 @@ def interval(cell: dict, n: int) -> tuple[float, float]:
     return wilson_interval(round(cell["mean"] * trials), trials)
 
 
+CHAT_FLOOR = 0.7  # settings below this chat accuracy are named beside the plot: on the axis they crowd the rest
+
+
+def split_off_axis(points: dict) -> tuple[dict, list[str]]:
+    """The points to plot, and "method setting" of those whose chat accuracy falls below CHAT_FLOOR."""
+    shown, off = {}, []
+    for method, settings in points.items():
+        for setting, p in settings.items():
+            if p["benign_accuracy"]["A"]["mean"] >= CHAT_FLOOR:
+                shown.setdefault(method, {})[setting] = p
+            else:
+                off.append(f"{method} {setting} ({p['benign_accuracy']['A']['mean']:.2f})")
+    return shown, off
+
+
 def plot(points: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(HELD_OUT), figsize=(5 * len(HELD_OUT), 4), sharey=True)
+    shown, off = split_off_axis(points)
+    colours, markers = plt.get_cmap("tab20"), "osD^vPX<>*"
+    fig, axes = plt.subplots(1, len(HELD_OUT), figsize=(6 * len(HELD_OUT), 4.5), sharey=True)
     for ax, split in zip(axes, HELD_OUT):
-        for method, settings in points.items():
+        for i, (method, settings) in enumerate(shown.items()):
             xs = [p["benign_accuracy"]["A"] for p in settings.values()]
             ys = [robustness(p, split) for p in settings.values()]
             ax.errorbar([x["mean"] for x in xs], [y["mean"] for y in ys],
                         xerr=[[x["mean"] - x["min"] for x in xs], [x["max"] - x["mean"] for x in xs]],
                         yerr=[[y["mean"] - y["min"] for y in ys], [y["max"] - y["mean"] for y in ys]],
-                        marker="o", capsize=2, label=method)
+                        marker=markers[i % len(markers)], color=colours(i % 20), capsize=2, label=method)
             for setting, x, y in zip(settings, xs, ys):
                 ax.annotate(str(setting), (x["mean"], y["mean"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_title(split)
         ax.set_xlabel("benign accuracy, chat format")
+        ax.set_xlim(CHAT_FLOOR - 0.01, 1.01)
+    if off:
+        fig.text(0.01, 0.01, f"chat accuracy below {CHAT_FLOOR}, not shown: " + ", ".join(off), fontsize=7)
     axes[0].set_ylabel("inference-time worst-case ASR (exact judge)")
     axes[0].set_ylim(-0.02, 1.05)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=min(len(points), 5), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.88))
+    fig.tight_layout(rect=(0, 0.04, 1, 0.86))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

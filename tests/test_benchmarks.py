@@ -429,6 +429,18 @@ def test_frontier_plots_seeds_that_agree(tmp_path):
     assert (tmp_path / "f.png").stat().st_size > 0
 
 
+def test_frontier_plot_names_settings_that_answer_too_little_to_share_its_axis():
+    from benchmarks.frontier import CHAT_FLOOR, point, split_off_axis
+
+    def run(accuracy):
+        return {"asr": {"worst_case": {s: {"rate": 1.0} for s in ("heldout_synonym", "heldout_concept")}},
+                "benign_accuracy": {f: accuracy for f in "ABC"}, "train_seconds": 1.0}
+
+    points = {"a": {"1": point([run(0.0)]), "2": point([run(CHAT_FLOOR)])}, "b": {"1": point([run(0.5)])}}
+    shown, off = split_off_axis(points)
+    assert shown == {"a": {"2": points["a"]["2"]}} and off == ["a 1 (0.00)", "b 1 (0.50)"]
+
+
 def test_a_saved_run_is_of_the_setting_its_config_and_suite_and_options_say(tmp_path):
     shipped = organism_table.setting_key("configs/refat.yaml", ("--model.init_args.ablation_probability=0.5",))
     config = tmp_path / "refat.yaml"
