@@ -168,8 +168,9 @@ def markdown(points: dict, seeds: int, n: int) -> str:
         return (method, setting), f"{method} at {setting}, {spread_cell(low)}"
 
     for axis, cell in axes.items():
-        named, verdict = best(kept, cell, cell(base))
-        costly, costly_verdict = best(every, cell, cell(base))
+        reference = cell(base)
+        named, verdict = best(kept, cell, reference)
+        costly, costly_verdict = best(every, cell, reference)
         if costly is not None and costly != named:  # the trade-off: what the capability bar rules out
             accuracy = ", ".join(f"{FORMATS[f]} {spread_cell(every[costly]['benign_accuracy'][f])}" for f in FORMATS)
             verdict += f"; at any capability cost: {costly_verdict} ({accuracy})"
@@ -225,7 +226,7 @@ def plot(points: dict, path: str) -> None:
     axes[0].set_ylabel("inference-time worst-case ASR (exact judge)")
     axes[0].set_ylim(-0.02, 1.05)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(len(points), 5), fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="upper center", ncol=max(1, min(len(handles), 5)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.04, 1, 0.86))
     fig.savefig(path, dpi=120)
     plt.close(fig)
