@@ -113,11 +113,14 @@ def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str,
     logger = ["--trainer.logger.init_args.save_dir", work, "--trainer.enable_progress_bar=false"]
     train_seconds = 0.0
     checkpoint = os.path.join(work, name, f"seed{seed}", "checkpoints", "last.ckpt")
+    # the fit's time is kept beside its checkpoint: a run whose test was interrupted is tested again
+    # from the checkpoint and still reports what training cost
+    timing = os.path.join(work, name, f"seed{seed}", "train_seconds.json")
     test = ["test", "--config", config or EVALUATE, f"--data.init_args.test_size={n}", *logger,
             "--trainer.logger.init_args.name", f"{name}_test", "--trainer.logger.init_args.version", f"seed{seed}",
             *extra]
     if config is not None and keep_checkpoints and os.path.isfile(checkpoint):
-        train_seconds = (previous or {}).get("train_seconds")  # the training run that wrote the checkpoint
+        train_seconds = (saved_result(timing) or {}).get("train_seconds")  # None: trained before times were kept
         test += ["--ckpt_path", checkpoint]
     elif config is not None:
         shutil.rmtree(os.path.join(work, name, f"seed{seed}"), ignore_errors=True)  # no stale checkpoints
@@ -125,6 +128,7 @@ def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str,
                              *logger, "--trainer.logger.init_args.name", name,
                              "--trainer.logger.init_args.version", f"seed{seed}", *extra],
                             os.path.join(work, f"{name}_seed{seed}_fit.log"), threads)
+        atomic_write(timing, json.dumps({"train_seconds": train_seconds}))
         test += ["--ckpt_path", checkpoint]
     eval_seconds = run(test, os.path.join(work, f"{name}_seed{seed}_test.log"), threads)
     with open(os.path.join(work, f"{name}_test", f"seed{seed}", "eval_results.json")) as f:

@@ -36,6 +36,12 @@ def test_organism_table_runs_on_the_tiny_organism(tmp_path, quick_suite):
     assert checkpoint.stat().st_mtime_ns == written
     again = json.loads((out / "organism_table.json").read_text())
     assert again["methods"]["refusal_sft"]["train_seconds"]["mean"] == table["methods"]["refusal_sft"]["train_seconds"]["mean"]
+    # So does a run whose test was interrupted (no result file): the fit's time is kept beside its checkpoint.
+    (tmp_path / "work" / "refusal_sft_seed0_result.json").unlink()
+    organism_table.main(["--methods", "refusal_sft", "--n", "2", "--jobs", "1", "--out", str(out),
+                         "--work", str(tmp_path / "work"), "--keep-checkpoints", *extra])
+    retested = json.loads((out / "organism_table.json").read_text())
+    assert retested["methods"]["refusal_sft"]["train_seconds"] == table["methods"]["refusal_sft"]["train_seconds"]
     # A later seed measured on its own joins the earlier ones in a table of every seed, without running again.
     organism_table.main(["--methods", "base", "--n", "2", "--jobs", "1", "--first-seed", "1", "--seeds", "1",
                          "--out", str(tmp_path / "seed1"), "--work", str(tmp_path / "work"), *extra])
