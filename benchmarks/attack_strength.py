@@ -6,8 +6,12 @@ Wilson interval and its curve over steps) is written to benchmarks/results/attac
     python benchmarks/attack_strength.py --model base=organism --model lat=runs/lat/seed0/checkpoints/last.ckpt
 
 The references: 10 vectors and 300 signed steps from "please" and from "!" (one start each, judged
-every 25 steps), and 20 vectors x 1000 steps from "please". The suite's attack is the one in
-configs/suite.yaml (or --suite).
+every 25 steps), 20 vectors x 1000 steps from "please", and 10 vectors x 2000 steps a quarter the
+suite's step size (a defense trained against the suite's step can sit between its steps). The suite's
+attack is the one in configs/suite.yaml (or --suite). Results are written after each model.
+
+    python benchmarks/attack_strength.py --model tsr=path/to/last.ckpt --without-suite \
+        --references "10 x 2000 at step 0.005 from please" --name attack_strength_fine
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ REFERENCES = {
     "10 x 300 from please": {"suffix_length": 10, "steps": 300, "snapshots": 12, "init": "please"},
     "10 x 300 from !": {"suffix_length": 10, "steps": 300, "snapshots": 12, "init": "!"},
     "20 x 1000 from please": {"suffix_length": 20, "steps": 1000, "snapshots": 40, "init": "please"},
+    "10 x 2000 at step 0.005 from please": {"suffix_length": 10, "steps": 2000, "snapshots": 40, "init": "please",
+                                            "step_size": 0.005},
 }
 
 
@@ -85,13 +91,18 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = attack_parser(__doc__)
     parser.add_argument("--references", nargs="+", default=list(REFERENCES), choices=list(REFERENCES))
+    parser.add_argument("--without-suite", action="store_true",
+                        help="run the references only (the suite's figures are in each run's test results)")
+    parser.add_argument("--name", default="attack_strength", help="results file name, without extension")
     args = parser.parse_args(argv)
-    attacks = {"suite": suite_attack(args.suite),
+    attacks = {**({} if args.without_suite else {"suite": suite_attack(args.suite)}),
                **{name: EmbeddingAttack(**REFERENCES[name]) for name in args.references}}
-    results = {name: measure(path, attacks, args.split, args.n) for name, path in named_models(args.model)}
-    atomic_write(os.path.join(args.out, "attack_strength.json"),
-                 json.dumps({"split": args.split, "n": args.n, "models": results}, indent=1))
-    atomic_write(os.path.join(args.out, "attack_strength.md"), markdown(results, args.split, args.n))
+    results = {}
+    for name, path in named_models(args.model):  # written after each model: a long run keeps what it measured
+        results[name] = measure(path, attacks, args.split, args.n)
+        atomic_write(os.path.join(args.out, f"{args.name}.json"),
+                     json.dumps({"split": args.split, "n": args.n, "models": results}, indent=1))
+        atomic_write(os.path.join(args.out, f"{args.name}.md"), markdown(results, args.split, args.n))
 
 
 if __name__ == "__main__":

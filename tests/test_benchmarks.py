@@ -212,6 +212,13 @@ def test_attack_strength_compares_the_suite_attack_with_references(tmp_path, qui
     assert row["suite"]["budget"]["steps"] == 3 and row["10 x 300 from please"]["budget"]["steps"] == 300
     assert row["suite"]["asr"]["n"] == 2 and "300" in row["10 x 300 from please"]["curve"]
     assert "| base |" in (tmp_path / "attack_strength.md").read_text()
+    # The references alone, under another name, one row per model.
+    attack_strength.main(["--model", "base=organism", "--model", "again=organism", "--n", "2", "--out", str(tmp_path),
+                          "--references", "10 x 300 from please", "--without-suite", "--name", "references"])
+    rows = json.loads((tmp_path / "references.json").read_text())["models"]
+    assert list(rows) == ["base", "again"] and all(set(row) == {"10 x 300 from please"} for row in rows.values())
+    assert rows["again"]["10 x 300 from please"]["asr"] == rows["base"]["10 x 300 from please"]["asr"]
+    assert "| again |" in (tmp_path / "references.md").read_text()
 
 
 def test_gcg_words_writes_what_broke_the_model(tmp_path, quick_suite, monkeypatch):
