@@ -56,6 +56,8 @@ def measure(model_spec: str, attacks: dict, split: str, n: int) -> dict:
     from lit_safety.evaluation.stats import rate
 
     model, tokenizer = load_for_evaluation(model_spec)
+    if hasattr(model, "merge_and_unload"):  # as the suite attacks it (merge_adapters), at the merged model's speed
+        model = model.merge_and_unload().eval()
     formatter, judge = ChatFormatter(tokenizer, max_prompt_length=512), ExactJudge()
     records = load_records(f"organism:eval_{split}")[:n]
     out = {}
