@@ -120,7 +120,8 @@ def evaluate_method(name: str, config: str | None, seed: int, n: int, work: str,
             "--trainer.logger.init_args.name", f"{name}_test", "--trainer.logger.init_args.version", f"seed{seed}",
             *extra]
     if config is not None and keep_checkpoints and os.path.isfile(checkpoint):
-        train_seconds = (saved_result(timing) or {}).get("train_seconds")  # None: trained before times were kept
+        # checkpoints trained before times were kept beside them: their earlier result's
+        train_seconds = (saved_result(timing) or previous or {}).get("train_seconds")
         test += ["--ckpt_path", checkpoint]
     elif config is not None:
         shutil.rmtree(os.path.join(work, name, f"seed{seed}"), ignore_errors=True)  # no stale checkpoints
