@@ -7,7 +7,8 @@ Wilson interval and its curve over steps) is written to benchmarks/results/attac
 
 The references: 10 vectors and 300 signed steps from "please" and from "!" (one start each, judged
 every 25 steps), 20 vectors x 1000 steps from "please", 10 vectors x 3000 steps from "please" (three
-times the suite's steps in one start), and 10 vectors x 2000 steps a quarter the suite's step size (a
+times the suite's steps in one start), the suite's 500-step starts four times over (from "please", then
+random tokens), and 10 vectors x 2000 steps a quarter the suite's step size (a
 defense trained against the suite's step can sit between its steps). The suite's
 attack is the one in configs/suite.yaml (or --suite). Results are written after each model.
 
@@ -32,6 +33,7 @@ REFERENCES = {
     "10 x 300 from !": {"suffix_length": 10, "steps": 300, "snapshots": 12, "init": "!"},
     "20 x 1000 from please": {"suffix_length": 20, "steps": 1000, "snapshots": 40, "init": "please"},
     "10 x 3000 from please": {"suffix_length": 10, "steps": 3000, "snapshots": 30, "init": "please"},
+    "10 x 500 x 4 starts": {"suffix_length": 10, "steps": 500, "restarts": 4, "snapshots": 20, "init": "please"},
     "10 x 2000 at step 0.005 from please": {"suffix_length": 10, "steps": 2000, "snapshots": 40, "init": "please",
                                             "step_size": 0.005},
 }
