@@ -286,11 +286,20 @@ def suffix_slot(tokenizer, init: str, setting: str) -> tuple[int, int]:
     return ChatFormatter(tokenizer).user_turn_tail(), ids[0]
 
 
-def suffix_slots(sequences: dict, rows: int, length: int, tail: int, token_id: int) -> SuffixSlots:
-    """``sequences`` (right-padded, with prompt and completion masks) with ``length`` copies of
-    ``token_id`` inserted in each of the first ``rows`` prompts ``tail`` tokens before the prompt ends
-    (the end of the user turn, before the template closes it: where a suffix attack puts its suffix);
-    the other rows get ``length`` padding positions at the end, so every row keeps one width."""
+def allowed_tokens(tokenizer, vocabulary: int) -> Tensor:
+    """[vocabulary] mask of the ids an attacker may write: no special tokens, no padding rows."""
+    allowed = torch.ones(vocabulary, dtype=torch.bool)
+    allowed[[i for i in tokenizer.all_special_ids if i < vocabulary]] = False
+    allowed[len(tokenizer):] = False
+    return allowed
+
+
+def suffix_slots(sequences: dict, rows: int, length: int, tail: int, token_id: int | Tensor) -> SuffixSlots:
+    """``sequences`` (right-padded, with prompt and completion masks) with ``length`` slot tokens
+    (copies of ``token_id``, or the ``length`` ids of a tensor in order) inserted in each of the first
+    ``rows`` prompts ``tail`` tokens before the prompt ends (the end of the user turn, before the
+    template closes it: where a suffix attack puts its suffix); the other rows get ``length`` padding
+    positions at the end, so every row keeps one width."""
     ids = sequences["input_ids"]
     batch, width = ids.shape
     new_width = width + length
@@ -301,7 +310,8 @@ def suffix_slots(sequences: dict, rows: int, length: int, tail: int, token_id: i
     inserted = (column >= at) & (column < at + length)
     # Position j of a new row reads old position j before the inserted ones and j - length after them.
     source = torch.where(column < at, column, column - length).clamp(0, width - 1)
-    fill = {"input_ids": token_id, "attention_mask": mined, "prompt_mask": mined}  # else False (padding)
+    slot_ids = torch.as_tensor(token_id, device=ids.device).expand(length)[(column - at).clamp(0, length - 1)]
+    fill = {"input_ids": slot_ids, "attention_mask": mined, "prompt_mask": mined}  # else False (padding)
     out = {key: torch.where(inserted, torch.as_tensor(fill.get(key, False), device=ids.device).to(value.dtype),
                             value.gather(1, source))
            for key, value in sequences.items()}

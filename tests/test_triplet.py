@@ -208,6 +208,10 @@ def test_suffix_slots_by_hand():
     assert out.slots.int().tolist() == [[0, 0, 1, 1, 0, 0, 0, 0], [0] * 8]
     states = torch.arange(16.0).view(2, 8, 1)
     assert out.original(states).squeeze(-1).tolist() == [[0, 1, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13]]
+    # Slot tokens given one by one go in in order; the padding row's slots are masked out whatever they hold.
+    out = suffix_slots(sequences, rows=1, length=2, tail=1, token_id=torch.tensor([77, 78]))
+    assert out.sequences["input_ids"][0].tolist() == [1, 2, 77, 78, 3, 9, 8, 0]
+    assert out.sequences["attention_mask"].int().tolist() == [[1, 1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 0, 0]]
 
 
 def test_miners_take_turns_each_with_its_own_radius(harmful_batch):
@@ -318,6 +322,45 @@ def test_a_list_of_suffix_lengths_takes_one_per_step_in_turn_for_the_completion_
         monkeypatch.setattr(TripletDefenseModule, "global_step", property(lambda self, step=step: step))
         module.compute_losses(harmful_batch)
     assert inserted == [2, 2, 5, 5, 2, 2]
+
+
+def test_random_starts_give_the_completion_and_its_refusal_one_random_suffix_start_per_step(harmful_batch,
+                                                                                          monkeypatch):
+    from lit_safety.methods import triplet
+
+    module = TripletDefenseModule(layers_benign=[0, 1], layers_harmful=[1], mining=True, miner="suffix",
+                                  mining_interval=1, mining_steps=1, mining_fraction=0.5, mining_epsilon=3.0,
+                                  mining_suffix_length=4, mining_suffix_init="please", mining_random_start=0.5,
+                                  refusal_weight=1.0)
+    module.configure_model()
+    module.calibration = module.calibrate(harmful_batch)
+    logged = []
+    module.log_dict = lambda values, **_: logged.append(values["train/mining_random_start"])
+    module.train()
+    starts = []  # slot tokens per call: the completions', then the refusals' of the same step
+    original = triplet.suffix_slots
+
+    def suffix_slots(sequences, rows, length, *args):
+        out = original(sequences, rows, length, *args)
+        starts.append(out.sequences["input_ids"][0][out.slots[0]].tolist())
+        return out
+
+    monkeypatch.setattr(triplet, "suffix_slots", suffix_slots)
+    for _ in range(12):
+        module.compute_losses(harmful_batch)
+    please = module._suffix_slot[1]
+    completions, refusals = starts[::2], starts[1::2]
+    assert completions == refusals  # a request and its refusal share one prompt
+    random = [s for s in completions if s != [please] * 4]
+    assert 0 < len(random) < 12 and logged == [float(s != [please] * 4) for s in completions]
+    special = set(module.tokenizer.all_special_ids)
+    assert all(len(set(s)) > 1 and not special & set(s) for s in random)  # writable tokens, drawn one by one
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_a_random_start_share_outside_zero_to_one_is_a_one_line_error(value):
+    with pytest.raises(ValueError, match="mining_random_start must be in \\[0, 1\\]"):
+        TripletDefenseModule(mining=True, miner="suffix", mining_interval=1, mining_random_start=value)
 
 
 @pytest.mark.parametrize("length", [0, [], [3, 0]])

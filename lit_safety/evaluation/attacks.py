@@ -90,14 +90,6 @@ def token_ids(tokenizer, text: str, length: int) -> list[int]:
     return (ids * length)[:length]
 
 
-def allowed_tokens(tokenizer, vocabulary: int) -> Tensor:
-    """[vocabulary] mask of the ids an attacker may write: no special tokens, no padding rows."""
-    allowed = torch.ones(vocabulary, dtype=torch.bool)
-    allowed[[i for i in tokenizer.all_special_ids if i < vocabulary]] = False
-    allowed[len(tokenizer):] = False
-    return allowed
-
-
 # The budgets (steps, or training steps) at which every curve is read, where an attack reaches them.
 CURVE_BUDGETS = (10, 30, 100, 300, 1000, 3000)
 

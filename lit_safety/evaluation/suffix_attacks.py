@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lit_safety.adversaries import allowed_tokens
 from lit_safety.data.formatting import ChatFormatter
 from lit_safety.data.records import Record
 from lit_safety.evaluation.attacks import (
@@ -19,7 +20,6 @@ from lit_safety.evaluation.attacks import (
     AttackResult,
     SnapshotBook,
     TargetField,
-    allowed_tokens,
     attacking,
     check_schedule,
     chunks,

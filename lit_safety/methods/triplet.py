@@ -37,6 +37,7 @@ from lit_safety.adversaries import (
     LatentAdversary,
     ResidualAttack,
     SuffixSlots,
+    allowed_tokens,
     check_sites,
     check_slot_counts,
     dropped,
@@ -102,6 +103,9 @@ class TripletDefenseModule(SafetyModule):
         mining_suffix_length: soft suffix vectors of the suffix miner; a list of lengths takes one per
             step in turn.
         mining_suffix_init: the text whose first token every suffix vector starts as.
+        mining_random_start: share of steps (drawn per step) whose suffix vectors start from random
+            tokens instead, as the embedding attack's later restarts do: a defense mined from one
+            start holds attacks from that start better than from others.
         mining_together: the listed latent and suffix miners perturb every mined example together,
             optimised jointly (the latent one at decoder-layer sites: the suffix owns the embeddings),
             instead of one drawn per step.
@@ -139,6 +143,7 @@ class TripletDefenseModule(SafetyModule):
         mining_epsilon: float | list[float] = 0.5,
         mining_suffix_length: int | list[int] = 10,
         mining_suffix_init: str = "!",
+        mining_random_start: float = 0.0,
         mining_together: bool = False,
         mining_seed: int = 0,
         **kwargs,
@@ -147,6 +152,8 @@ class TripletDefenseModule(SafetyModule):
         self.save_hyperparameters()
         if not 0.0 <= mining_fraction <= 1.0:
             raise ValueError(f"mining_fraction must be in [0, 1], got {mining_fraction}")
+        if not 0.0 <= mining_random_start <= 1.0:
+            raise ValueError(f"mining_random_start must be in [0, 1], got {mining_random_start}")
         if margin_benign < 0 or margin_harmful <= 0:
             raise ValueError(f"margins must be margin_benign >= 0 and margin_harmful > 0, got {margin_benign}, {margin_harmful}")
         if min(benign_weight, harmful_weight, kl_weight, refusal_weight) < 0:
@@ -182,6 +189,7 @@ class TripletDefenseModule(SafetyModule):
         self.miner: ResidualAttack | None = None  # not a parameter: checkpointed by training_state
         self.latent: LatentAdversary | None = None  # this step's latent perturbation (belongs to its batch)
         self.slotted: SuffixSlots | None = None  # this step's harmful batch with the suffix miner's slots
+        self.slot_start: int | Tensor | None = None  # what this step's slots start as (token id or ids)
         self._mined_at_step = -1
         self._restored_miner: dict | None = None
 
@@ -273,6 +281,15 @@ class TripletDefenseModule(SafetyModule):
     def _suffix_slot(self) -> tuple[int, int]:
         return suffix_slot(self.tokenizer, self.hparams.mining_suffix_init, "mining_suffix_init")
 
+    def _draw_slot_start(self) -> int | Tensor:
+        """This step's slot start: ``mining_suffix_init``'s token, or with probability
+        ``mining_random_start`` as many random writable tokens as slots (from the module's own
+        generator: every rank draws the same)."""
+        if not (self.hparams.mining_random_start and self.rng.random() < self.hparams.mining_random_start):
+            return self._suffix_slot[1]
+        allowed = allowed_tokens(self.tokenizer, self.model.get_input_embeddings().weight.shape[0]).nonzero().flatten()
+        return allowed[[self.rng.randrange(len(allowed)) for _ in range(self._slot_count)]]
+
     @property
     def _slot_count(self) -> int:
         """The suffix miner's slots at this step."""
@@ -294,7 +311,8 @@ class TripletDefenseModule(SafetyModule):
         # under FSDP every forward is a collective, so every rank must run as many.
         attacked = max(rows, 1)
         if "suffix" in miners:
-            self.slotted = suffix_slots(harmful, attacked, self._slot_count, *self._suffix_slot)
+            self.slot_start = self._draw_slot_start()
+            self.slotted = suffix_slots(harmful, attacked, self._slot_count, self._suffix_slot[0], self.slot_start)
         sequences = harmful if self.slotted is None else self.slotted.sequences
         mined = {key: value[:attacked] for key, value in sequences.items()}
         prompt = mined["prompt_mask"] if self.slotted is None else mined["prompt_mask"] & ~self.slotted.slots[:attacked]
@@ -315,6 +333,8 @@ class TripletDefenseModule(SafetyModule):
         self.latent = adversary
         norms = adversary.norms()
         logged = {"train/mining_dropped_steps": float(dropped(losses))}
+        if "suffix" in miners and hp.mining_random_start:
+            logged["train/mining_random_start"] = float(isinstance(self.slot_start, Tensor))
         if not hp.mining_together:
             logged["train/miner"] = float(self.miners.index(miners[0]))
         for miner, site in sites.items():
@@ -349,7 +369,7 @@ class TripletDefenseModule(SafetyModule):
         refusals get the same suffix slots as their completions: one prompt)."""
         if self.slotted is not None:
             rows = int(self.slotted.slots.any(-1).sum())
-            refusal = suffix_slots(refusal, rows, self._slot_count, *self._suffix_slot).sequences
+            refusal = suffix_slots(refusal, rows, self._slot_count, self._suffix_slot[0], self.slot_start).sequences
         with self._perturbed(refusal["input_ids"].shape[0]):
             return toward(*completion_window(self.model, refusal))
 
