@@ -8,9 +8,9 @@ Wilson interval and its curve over steps) is written to benchmarks/results/attac
 The references: 10 vectors and 300 signed steps from "please" and from "!" (one start each, judged
 every 25 steps), 20 vectors x 1000 steps from "please", 10 vectors x 3000 steps from "please" (three
 times the suite's steps in one start), the suite's 500-step starts four times over (from "please", then
-random tokens), and 10 vectors x 2000 steps a quarter the suite's step size (a
-defense trained against the suite's step can sit between its steps). The suite's
-attack is the one in configs/suite.yaml (or --suite). Results are written after each model.
+random tokens), and 10 vectors x 2000 steps at a quarter of the suite's step size (a defense trained
+against the suite's step can sit between its steps). The suite's attack is the one in
+configs/suite.yaml (or --suite). Results are written after each model.
 
     python benchmarks/attack_strength.py --model tsr=path/to/last.ckpt --without-suite \
         --references "10 x 2000 at step 0.005 from please" --name attack_strength_fine

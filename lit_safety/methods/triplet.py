@@ -287,8 +287,13 @@ class TripletDefenseModule(SafetyModule):
         generator: every rank draws the same)."""
         if not (self.hparams.mining_random_start and self.rng.random() < self.hparams.mining_random_start):
             return self._suffix_slot[1]
-        allowed = allowed_tokens(self.tokenizer, self.model.get_input_embeddings().weight.shape[0]).nonzero().flatten()
+        allowed = self._writable_tokens
         return allowed[[self.rng.randrange(len(allowed)) for _ in range(self._slot_count)]]
+
+    @cached_property
+    def _writable_tokens(self) -> Tensor:
+        """The ids a random start may draw (built once, not at every step that draws)."""
+        return allowed_tokens(self.tokenizer, self.model.get_input_embeddings().weight.shape[0]).nonzero().flatten()
 
     @property
     def _slot_count(self) -> int:
