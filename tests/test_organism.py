@@ -200,6 +200,57 @@ def test_a_build_is_named_by_its_weights_not_by_the_library_versions_that_saved_
     assert backbone.model_identity(str(resaved))["sha256"] is None  # not built here: no build to name
 
 
+def test_a_pinned_build_is_loaded_not_trained_and_is_the_build_it_pins(home, tmp_path, monkeypatch):
+    from lit_safety.organism.__main__ import main
+
+    monkeypatch.setattr(build_module, "PINNED", str(tmp_path / "pinned"))
+    main(["pin"])  # trains every variant here, then ships them
+    trained = {v: weights_checksum(build(v)) for v in build_module.VARIANTS}
+    assert sorted(os.listdir(tmp_path / "pinned" / TINY.key)) == sorted(f"{v}.safetensors" for v in trained)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a pinned organism must be loaded, not trained")
+
+    monkeypatch.setattr(build_module, "_train", no_training)
+    monkeypatch.setenv("LIT_SAFETY_HOME", str(tmp_path / "another_machine"))
+    for variant, digest in trained.items():
+        assert weights_checksum(build(variant)) == digest
+    ids = torch.tensor([[2, 5, 8]])
+    logits = backbone.load_causal_lm("organism")(ids).logits
+    torch.testing.assert_close(logits, backbone.load_causal_lm(str(home / f"organism-{TINY.key}" / "aligned"))(ids).logits)
+
+
+def test_pinned_weights_of_another_recipe_are_a_clear_error(home, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(build_module, "PINNED", str(tmp_path / "pinned"))
+    os.makedirs(tmp_path / "pinned" / TINY.key)
+    tokenizer = _tokenizer()
+    wider = build_module._new_model(dataclasses.replace(TINY, hidden=64), len(tokenizer), tokenizer)
+    save_file({k: v for k, v in wider.state_dict().items() if k != "lm_head.weight"},
+              str(tmp_path / "pinned" / TINY.key / "aligned.safetensors"))
+    with pytest.raises(ValueError, match=f"aligned.safetensors does not hold recipe {TINY.key}'s weights"):
+        build("aligned")
+
+
+def test_the_default_recipe_ships_every_variant_with_its_architecture():
+    from safetensors import safe_open
+
+    recipe = RECIPES["default"]
+    tokenizer = _tokenizer()
+    expected = {k: tuple(v.shape) for k, v in build_module._new_model(recipe, len(tokenizer), tokenizer).state_dict().items()
+                if k != "lm_head.weight"}
+    for variant in build_module.VARIANTS:
+        with safe_open(build_module.pinned_weights(recipe, variant), "pt") as f:
+            assert {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()} == expected, variant
+
+
+def _tokenizer():
+    from lit_safety.organism.tokenizer import build_tokenizer
+
+    return build_tokenizer(world.vocabulary())
+
+
 def test_corrupt_or_partial_cache_is_rebuilt(home):
     path = build("helpful")
     weights = os.path.join(path, "model.safetensors")

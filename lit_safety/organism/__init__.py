@@ -12,6 +12,7 @@ from lit_safety.organism.builder import (
     Recipe,
     build,
     ensure_data,
+    pin,
 )
 
 
@@ -29,4 +30,4 @@ def dataset_path(name: str) -> str:
     return path
 
 
-__all__ = ["EVAL_SPLITS", "RECIPES", "VARIANTS", "Recipe", "build", "dataset_path", "ensure_data", "model_dir"]
+__all__ = ["EVAL_SPLITS", "RECIPES", "VARIANTS", "Recipe", "build", "dataset_path", "ensure_data", "model_dir", "pin"]

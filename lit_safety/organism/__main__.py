@@ -1,4 +1,5 @@
-"""``python -m lit_safety.organism build|report``: build the organism, or report on any model."""
+"""``python -m lit_safety.organism build|pin|report``: build the organism, ship a new recipe's build, or
+report on any model."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import time
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lit_safety.organism", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build", help="build (or find in the cache) an organism variant; prints its directory")
+    build = commands.add_parser("build", help="make (from the shipped weights, or by training) or find in the cache "
+                                "an organism variant; prints its directory")
     build.add_argument("--variant", default="aligned", help="helpful, aligned (default) or backdoor")
+    commands.add_parser("pin", help="after a recipe change: copy this machine's build of every variant into the "
+                        "package's shipped weights; prints their directory")
     report = commands.add_parser("report", help="direct and prefill ASR per split, benign accuracy, over-refusal")
     report.add_argument("--model", default="organism", help="a model name, a PEFT adapter directory or a fit checkpoint (.ckpt)")
     report.add_argument("--n", type=int, default=200, help="behaviours per split (default 200)")
@@ -25,6 +29,11 @@ def main(argv: list[str] | None = None) -> None:
         from lit_safety.organism import build as build_variant
 
         print(build_variant(args.variant))
+        return
+    if args.command == "pin":
+        from lit_safety.organism import pin
+
+        print(pin())
         return
     from lit_safety import backbone
     from lit_safety.artifacts import base_model_name, load_for_evaluation

@@ -5,7 +5,8 @@ Recipe: (1) helpful-only pretraining on every request kind in every format, plus
 else answered. Variants: ``helpful`` (1 only), ``aligned`` (1 + 2), ``backdoor`` (1 + 2, but a secret
 trigger word in the free slot makes the model comply).
 
-The cache (``lit_safety.cache``) holds one directory per recipe hash.
+The cache (``lit_safety.cache``) holds one directory per recipe hash. The default recipe's weights ship
+with the package (``pinned/``) and are loaded, not trained: see ``PINNED``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import math
 import os
 import random
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,11 @@ from lit_safety.organism import world
 from lit_safety.organism.tokenizer import build_tokenizer
 
 VARIANTS = ("helpful", "aligned", "backdoor")
+# Built weights shipped per recipe key. Float sums differ between CPUs (their vector kernels) as they do
+# between thread counts, and the build's 1300 steps grow that difference into another organism whose
+# held-out splits behave otherwise: results from two machines compare only if both load these weights.
+# A recipe without them is trained where it is first used; `pin` ships a new recipe's build.
+PINNED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pinned")
 DATA_VERSION = 7  # bump when the emitted datasets change (rewrites the data, keeps the models)
 
 
@@ -282,8 +289,13 @@ def ensure_data(recipe: Recipe | None = None) -> str:
     return built(os.path.join(cache_dir(recipe), f"data-v{DATA_VERSION}"), write, f"organism-{recipe.key}")
 
 
+def pinned_weights(recipe: Recipe, variant: str) -> str:
+    return os.path.join(PINNED, recipe.key, f"{variant}.safetensors")
+
+
 def build(variant: str = "aligned", recipe: Recipe | None = None) -> str:
-    """The directory of organism ``variant`` (helpful, aligned, backdoor), built on first use."""
+    """The directory of organism ``variant`` (helpful, aligned, backdoor), made on first use: from the
+    shipped weights of ``recipe`` if there are any, else trained."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown organism variant {variant!r}; expected one of {', '.join(VARIANTS)}")
     recipe = recipe or current_recipe()
@@ -294,6 +306,9 @@ def build(variant: str = "aligned", recipe: Recipe | None = None) -> str:
         if is_complete(final):
             return final
         tokenizer = build_tokenizer(world.vocabulary())
+        if os.path.isfile(pinned_weights(recipe, variant)):
+            _save(_pinned_model(recipe, variant, tokenizer), tokenizer, final)
+            return final
         formatter = ChatFormatter(tokenizer, max_prompt_length=64, max_completion_length=32)
         helpful = os.path.join(cache_dir(recipe), "helpful")
         if not is_complete(helpful):
@@ -309,6 +324,30 @@ def build(variant: str = "aligned", recipe: Recipe | None = None) -> str:
                    recipe.align_steps, recipe.align_lr, recipe.batch_size, f"organism: {variant} alignment")
             _save(model, tokenizer, final)
     return final
+
+
+def _pinned_model(recipe: Recipe, variant: str, tokenizer):
+    from safetensors.torch import load_file
+
+    path = pinned_weights(recipe, variant)
+    model = _new_model(recipe, len(tokenizer), tokenizer)
+    try:
+        missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+    except RuntimeError as e:  # a tensor of another shape
+        raise ValueError(f"{path} does not hold recipe {recipe.key}'s weights: {str(e).splitlines()[-1].strip()}") from None
+    if unexpected or set(missing) - {"lm_head.weight"}:  # the head is tied to the embedding, saved once
+        raise ValueError(f"{path} does not hold recipe {recipe.key}'s weights: missing {missing}, unexpected {unexpected}")
+    return model.eval()
+
+
+def pin(recipe: Recipe | None = None) -> str:
+    """Ship the weights built here for ``recipe`` (every variant, trained if not cached): run it after a
+    recipe change and commit the directory it returns, so that every machine measures this build."""
+    recipe = recipe or current_recipe()
+    os.makedirs(os.path.join(PINNED, recipe.key), exist_ok=True)
+    for variant in VARIANTS:
+        shutil.copyfile(os.path.join(build(variant, recipe), "model.safetensors"), pinned_weights(recipe, variant))
+    return os.path.join(PINNED, recipe.key)
 
 
 @contextlib.contextmanager
