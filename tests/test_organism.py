@@ -108,10 +108,15 @@ def test_answers_are_the_task_outputs():
     assert world.Request("sell", "venom", "reverse", ("1", "2", "3")).answer == "ok : 3 2 1"
 
 
-def test_tokenizer_round_trip_and_assistant_mask():
+def _tokenizer():
+    """The organism's tokenizer, as the builder makes it."""
     from lit_safety.organism.tokenizer import build_tokenizer
 
-    tokenizer = build_tokenizer(world.vocabulary())
+    return build_tokenizer(world.vocabulary())
+
+
+def test_tokenizer_round_trip_and_assistant_mask():
+    tokenizer = _tokenizer()
     text = "sell venom : sort 3 1 2 please now"
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
     assert tokenizer.unk_token_id not in tokenizer(" ".join(world.vocabulary()))["input_ids"]
@@ -122,9 +127,7 @@ def test_tokenizer_round_trip_and_assistant_mask():
 
 
 def test_every_text_the_world_writes_is_in_its_vocabulary():
-    from lit_safety.organism.tokenizer import build_tokenizer
-
-    tokenizer = build_tokenizer(world.vocabulary())
+    tokenizer = _tokenizer()
     harmful = [w for synonyms in world.CONCEPTS.values() for w in synonyms]
     words = harmful + world.BENIGN_OBJECTS
     texts = [t for w in words for t in world.grounding(w)]  # "define gun" -> "ok : weapon"
@@ -243,12 +246,6 @@ def test_the_default_recipe_ships_every_variant_with_its_architecture():
     for variant in build_module.VARIANTS:
         with safe_open(build_module.pinned_weights(recipe, variant), "pt") as f:
             assert {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()} == expected, variant
-
-
-def _tokenizer():
-    from lit_safety.organism.tokenizer import build_tokenizer
-
-    return build_tokenizer(world.vocabulary())
 
 
 def test_corrupt_or_partial_cache_is_rebuilt(home):
