@@ -1,7 +1,9 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -257,3 +259,57 @@ def test_adversarial_eval_callback_logs_asr_curves_during_fit(tmp_path):
     trainer.fit(RefusalSFTModule(), SafetyDataModule(batch_size=4, val_fraction=0.0))
     assert [h["step"] for h in callback.history] == [0, 2, 4]
     assert {"val/asr/prefill/train", "val/asr/prefill/heldout_synonym"} <= set(callback.history[-1])
+
+
+def test_test_stops_at_sigterm_in_the_middle_of_an_attack(tmp_path):
+    """A scheduler's SIGTERM ends `test` while an attack runs, not after the split's attacks (minutes)."""
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "evaluate.yaml")
+    endless = tmp_path / "endless.yaml"
+    endless.write_text("""
+evaluation:
+  class_path: lit_safety.evaluation.SafetyEvaluation
+  init_args:
+    attack_splits: {}
+    attacks:
+      - class_path: lit_safety.evaluation.LatentAttack
+        init_args: {layers: [0], steps: 1000000}
+""")
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as stderr:
+        test = subprocess.Popen([sys.executable, "-m", "lit_safety", "test", "--config", config, "--config", str(endless),
+                                 "--data.test_size=2", f"--trainer.logger.init_args.save_dir={tmp_path}",
+                                 "--trainer.enable_progress_bar=false"],
+                                stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "LIT_SAFETY_QUIET": "0"})
+        try:
+            deadline = time.monotonic() + 300
+            while "attack: latent" not in log.read_text():
+                assert test.poll() is None, log.read_text()[-2000:]
+                assert time.monotonic() < deadline, "the attack never started"
+                time.sleep(0.5)
+            test.send_signal(signal.SIGTERM)
+            assert test.wait(timeout=60) == 128 + signal.SIGTERM
+        finally:
+            test.kill()
+    assert not list(tmp_path.rglob("eval_results.json"))
+
+
+def test_the_suite_restores_the_sigterm_handler_it_found():
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lit_safety.evaluation import SafetyEvaluation
+
+    seen = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        suite = SafetyEvaluation()
+        suite.setup(None, None, "test")
+        with pytest.raises(SIGTERMException) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs between bytecodes
+                time.sleep(0.01)
+        assert stopped.value.code == 128 + signal.SIGTERM and seen == [signal.SIGTERM]  # the earlier handler ran too
+        suite.teardown(None, None, "test")
+        os.kill(os.getpid(), signal.SIGTERM)  # the earlier handler alone again: no exception
+        assert seen == [signal.SIGTERM, signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -13,6 +13,8 @@ import copy
 import json
 import math
 import os
+import signal
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 import lightning as L
 import torch
 from torch import nn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torchmetrics import MeanMetric
 
 from lit_safety import artifacts, backbone
@@ -127,6 +130,7 @@ class SafetyEvaluation(L.Callback):
         self._judge = None
         self.projected: dict[str, list] = defaultdict(list)
         self.seconds: dict[str, float] = defaultdict(float)  # attack -> time spent on this rank
+        self._sigterm_before = None  # the SIGTERM handler the test found, restored at its end
 
     @property
     def judge(self):
@@ -310,6 +314,27 @@ class SafetyEvaluation(L.Callback):
 
     # ----- the `test` loop ------------------------------------------------------------------------
     evaluates_safety = True  # what SafetyModule.on_test_start looks for among the callbacks
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # Each split is one test batch whose attacks run for minutes, and Lightning only looks at SIGTERM
+        # between batches: a scheduler's SIGTERM would wait out the split. A test has nothing to save on
+        # the way out, so it stops at the signal (after Lightning's own handler, which stops other ranks).
+        if stage != "test" or threading.current_thread() is not threading.main_thread():
+            return
+        before = signal.getsignal(signal.SIGTERM)
+
+        def stop(signum, frame):
+            if callable(before):
+                before(signum, frame)
+            raise SIGTERMException(128 + signum)  # the shell's exit status for a process ended by the signal
+
+        self._sigterm_before = before
+        signal.signal(signal.SIGTERM, stop)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._sigterm_before is not None:
+            signal.signal(signal.SIGTERM, self._sigterm_before)
+            self._sigterm_before = None
 
     def on_test_start(self, trainer, pl_module) -> None:
         datamodule = trainer.datamodule
