@@ -367,3 +367,55 @@ def test_a_random_start_share_outside_zero_to_one_is_a_one_line_error(value):
 def test_a_suffix_length_below_one_is_a_one_line_error(length):
     with pytest.raises(ValueError, match="mining_suffix_length must be >= 1, or a list of such lengths"):
         TripletDefenseModule(mining=True, miner="suffix", mining_interval=1, mining_suffix_length=length)
+
+
+def test_warm_starts_resume_the_latest_optimised_suffixes_and_the_bank_survives_a_checkpoint(harmful_batch,
+                                                                                           monkeypatch):
+    from lit_safety.methods import triplet
+
+    def module():
+        m = TripletDefenseModule(layers_benign=[0, 1], layers_harmful=[1], mining=True, miner="suffix",
+                                 mining_interval=1, mining_steps=2, mining_fraction=0.5, mining_epsilon=3.0,
+                                 mining_suffix_length=4, mining_suffix_init="please", mining_warm_start=1.0,
+                                 mining_bank_size=8)
+        m.configure_model()
+        m.calibration = m.calibrate(harmful_batch)
+        m.log_dict = lambda values, **_: logged.append(values["train/mining_warm_start"])
+        m.train()
+        return m
+
+    starts, ends, logged = [], [], []
+    optimise = triplet.LatentAdversary.optimise
+
+    def recorded(self, *args, **kwargs):
+        slots = self.masks["embedding"]
+        starts.append(self.units["embedding"][slots].detach().clone())
+        out = optimise(self, *args, **kwargs)
+        ends.append(self.units["embedding"][slots].detach().clone())
+        return out
+
+    monkeypatch.setattr(triplet.LatentAdversary, "optimise", recorded)
+    first = module()
+    for _ in range(2):
+        first.compute_losses(harmful_batch)
+    assert logged == [0.0, 1.0]  # nothing to start from at the first step
+    assert not starts[0].any() and ends[0].abs().sum() > 0
+    torch.testing.assert_close(starts[1], ends[0])  # each row where the last step's optimisation left one
+    state = first.training_state()
+    rows = len(ends[0]) // 4
+    assert state["suffix_bank"][4].shape[:2] == (2 * rows, 4)  # both steps' rows, 4 slots each
+
+    resumed = module()
+    resumed.load_training_state(state)
+    resumed.compute_losses(harmful_batch)
+    torch.testing.assert_close(starts[2], ends[1])  # a resumed run warm-starts from the checkpoint's bank
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"mining_warm_start": 1.5}, "mining_warm_start must be in \\[0, 1\\]"),
+    ({"mining_bank_size": 0}, "mining_bank_size must be >= 1"),
+    ({"mining_warm_start": 0.5, "miner": "latent"}, "warm starts are the suffix miner's"),
+])
+def test_bad_warm_start_settings_are_one_line_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        TripletDefenseModule(mining=True, **{"miner": "suffix", "mining_interval": 1, **options})

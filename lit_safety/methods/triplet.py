@@ -106,6 +106,11 @@ class TripletDefenseModule(SafetyModule):
         mining_random_start: share of steps (drawn per step) whose suffix vectors start from random
             tokens instead, as the embedding attack's later restarts do: a defense mined from one
             start holds attacks from that start better than from others.
+        mining_warm_start: share of the steps that start from ``mining_suffix_init`` (drawn per step)
+            whose suffix vectors start where the latest steps' optimisation left them, in the same ball
+            around the init token: the miner's few inner steps then add up across training steps, as
+            the suite's attack spends hundreds on one behaviour.
+        mining_bank_size: optimised suffixes kept for warm starts (the latest, per suffix length).
         mining_together: the listed latent and suffix miners perturb every mined example together,
             optimised jointly (the latent one at decoder-layer sites: the suffix owns the embeddings),
             instead of one drawn per step.
@@ -144,6 +149,8 @@ class TripletDefenseModule(SafetyModule):
         mining_suffix_length: int | list[int] = 10,
         mining_suffix_init: str = "!",
         mining_random_start: float = 0.0,
+        mining_warm_start: float = 0.0,
+        mining_bank_size: int = 64,
         mining_together: bool = False,
         mining_seed: int = 0,
         **kwargs,
@@ -154,6 +161,10 @@ class TripletDefenseModule(SafetyModule):
             raise ValueError(f"mining_fraction must be in [0, 1], got {mining_fraction}")
         if not 0.0 <= mining_random_start <= 1.0:
             raise ValueError(f"mining_random_start must be in [0, 1], got {mining_random_start}")
+        if not 0.0 <= mining_warm_start <= 1.0:
+            raise ValueError(f"mining_warm_start must be in [0, 1], got {mining_warm_start}")
+        if mining_bank_size < 1:
+            raise ValueError(f"mining_bank_size must be >= 1, got {mining_bank_size}")
         if margin_benign < 0 or margin_harmful <= 0:
             raise ValueError(f"margins must be margin_benign >= 0 and margin_harmful > 0, got {margin_benign}, {margin_harmful}")
         if min(benign_weight, harmful_weight, kl_weight, refusal_weight) < 0:
@@ -176,6 +187,8 @@ class TripletDefenseModule(SafetyModule):
         if mining and self.per_batch and mining_interval != 1:
             raise ValueError(f"mining_interval: the {'/'.join(self.miners)} miner perturbs each batch's own examples "
                              f"and mines every step; set mining_interval: 1 (got {mining_interval})")
+        if mining_warm_start and "suffix" not in self.miners:
+            raise ValueError(f"mining_warm_start: warm starts are the suffix miner's, got miner {miner}")
         if mining_together and sorted(self.miners) != ["latent", "suffix"]:
             raise ValueError(f"mining_together: the latent and suffix miners act together, got miner {miner}")
         if mining_together and "embedding" in mining_layers:
@@ -190,6 +203,8 @@ class TripletDefenseModule(SafetyModule):
         self.latent: LatentAdversary | None = None  # this step's latent perturbation (belongs to its batch)
         self.slotted: SuffixSlots | None = None  # this step's harmful batch with the suffix miner's slots
         self.slot_start: int | Tensor | None = None  # what this step's slots start as (token id or ids)
+        # slot count -> [n, slots, hidden] latest optimised suffixes (units of the radius), newest first
+        self.suffix_bank: dict[int, Tensor] = {}
         self._mined_at_step = -1
         self._restored_miner: dict | None = None
 
@@ -242,12 +257,14 @@ class TripletDefenseModule(SafetyModule):
     def training_state(self) -> dict:
         miner = None if self.miner is None else {"layer": self.miner.layer, "weight": self.miner.weight.detach().cpu(),
                                                    "bias": self.miner.bias.detach().cpu()}
-        return {"rng": self.rng.getstate(), "mined_at_step": self._mined_at_step, "miner": miner}
+        return {"rng": self.rng.getstate(), "mined_at_step": self._mined_at_step, "miner": miner,
+                "suffix_bank": {count: bank.cpu() for count, bank in self.suffix_bank.items()}}
 
     def load_training_state(self, state: dict) -> None:
         self.rng.setstate(state["rng"])
         self._mined_at_step = state["mined_at_step"]
         self._restored_miner = state["miner"]  # rebuilt once the model is on its device
+        self.suffix_bank = dict(state.get("suffix_bank", {}))  # moved to the device where it is used
 
     def _rebuild_restored_miner(self) -> None:
         # At the first step, not on load: a checkpoint may be read before the model reaches its device
@@ -290,6 +307,25 @@ class TripletDefenseModule(SafetyModule):
         allowed = self._writable_tokens
         return allowed[[self.rng.randrange(len(allowed)) for _ in range(self._slot_count)]]
 
+    def _warm_start(self, adversary: LatentAdversary, slots: Tensor) -> bool:
+        """Start each attacked row's slots from one of the latest optimised suffixes of this length
+        (the newest first); False if there is none yet."""
+        bank = self.suffix_bank.get(self._slot_count)
+        if bank is None:
+            return False
+        units = adversary.units["embedding"]
+        with torch.no_grad():
+            units[slots] = bank[torch.arange(units.shape[0]) % len(bank)].to(units).flatten(0, 1)
+        return True
+
+    def _bank(self, adversary: LatentAdversary, slots: Tensor) -> None:
+        """Keep the rows' optimised suffixes (newest first) for later warm starts."""
+        count, units = self._slot_count, adversary.units["embedding"].detach()
+        mined = units[slots].view(units.shape[0], count, units.shape[-1])
+        kept = self.suffix_bank.get(count)
+        mined = mined if kept is None else torch.cat([mined, kept.to(mined)])
+        self.suffix_bank[count] = mined[: self.hparams.mining_bank_size].clone()
+
     @cached_property
     def _writable_tokens(self) -> Tensor:
         """The ids a random start may draw (built once, not at every step that draws)."""
@@ -315,8 +351,12 @@ class TripletDefenseModule(SafetyModule):
         # A rank that mines none of its rows still runs the inner loop, on one row with zero weight:
         # under FSDP every forward is a collective, so every rank must run as many.
         attacked = max(rows, 1)
+        warm = False
         if "suffix" in miners:
             self.slot_start = self._draw_slot_start()
+            # the bank's suffixes are displacements from the init token: no warm start from random tokens
+            warm = (hp.mining_warm_start > 0 and not isinstance(self.slot_start, Tensor)
+                    and self.rng.random() < hp.mining_warm_start)
             self.slotted = suffix_slots(harmful, attacked, self._slot_count, self._suffix_slot[0], self.slot_start)
         sequences = harmful if self.slotted is None else self.slotted.sequences
         mined = {key: value[:attacked] for key, value in sequences.items()}
@@ -325,6 +365,7 @@ class TripletDefenseModule(SafetyModule):
         radii = {site: self.epsilons[miner] * float(self.calibration[f"site_norm/{site}"])
                  for miner, site in sites.items()}
         adversary = LatentAdversary(self.model, list(sites.values()), masks, radii)
+        warm = bool(warm and rows) and self._warm_start(adversary, masks["embedding"])
         # The noise enters before the perturbation, as in the training pass (see _harmful_states).
         with self.adversary_noise(), adversary.attached(), self.adapters_frozen():
             # Scaled by the examples, as LAT's: each example's perturbation follows its own loss.
@@ -334,12 +375,16 @@ class TripletDefenseModule(SafetyModule):
             self.slotted = None
             return
         adversary.freeze()
+        if "suffix" in miners and hp.mining_warm_start and not isinstance(self.slot_start, Tensor):
+            self._bank(adversary, masks["embedding"])
         adversary.padded(harmful["input_ids"].shape[0])
         self.latent = adversary
         norms = adversary.norms()
         logged = {"train/mining_dropped_steps": float(dropped(losses))}
         if "suffix" in miners and hp.mining_random_start:
             logged["train/mining_random_start"] = float(isinstance(self.slot_start, Tensor))
+        if "suffix" in miners and hp.mining_warm_start:
+            logged["train/mining_warm_start"] = float(warm)
         if not hp.mining_together:
             logged["train/miner"] = float(self.miners.index(miners[0]))
         for miner, site in sites.items():
