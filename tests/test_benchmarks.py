@@ -466,3 +466,20 @@ def test_a_saved_run_is_of_the_setting_its_config_and_suite_and_options_say(tmp_
     (tmp_path / "suite.yaml").unlink()
     config.write_text(config.read_text().replace("max_steps: ", "max_steps: 1"))
     assert organism_table.setting_key(str(config), ("--model.init_args.ablation_probability=0.5",)) != shipped
+
+
+def test_suffix_displacement_records_how_far_the_attack_moved_each_broken_behaviours_vectors(tmp_path):
+    from benchmarks import suffix_displacement
+    from lit_safety.evaluation import EmbeddingAttack
+
+    attack = EmbeddingAttack(suffix_length=3, steps=10, snapshots=2, step_size=0.02)  # judged at steps 5 and 10
+    row = suffix_displacement.measure("organism", attack, "heldout_synonym", 2, judge=lambda record, response: "success")
+    assert row["n"] == 2 and row["broken"] == 2
+    for b in row["behaviours"]:
+        # broken at the first judged step; signed steps move every vector, by at most step_size norms a step
+        assert b["step"] == 5 and 0.0 < b["mean"] <= b["max"] <= 0.02 * 5 + 1e-4
+    # the command: every model's row and its table (the tiny test organism rarely breaks: no figures asserted)
+    suffix_displacement.main(["--model", "base=organism", "--n", "1", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "suffix_displacement.json").read_text())
+    assert results["models"]["base"]["n"] == 1 and results["budget"]["steps"] == 500
+    assert "| base |" in (tmp_path / "suffix_displacement.md").read_text()
