@@ -7,7 +7,7 @@ not held back by its ball: its optimisation, not its budget, is what falls short
     python benchmarks/suffix_displacement.py --model tsr=path/to/last.ckpt --n 40
 
 The attack is the suite's (configs/suite.yaml, or --suite) from its first start only ("please"); results
-go to benchmarks/results/suffix_displacement.{json,md}, written after each model.
+go to benchmarks/results/suffix_displacement.{json,md} (or --name), written after each model.
 """
 
 from __future__ import annotations
@@ -84,15 +84,17 @@ def markdown(results: dict, split: str, n: int, budget: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = attack_parser(__doc__).parse_args(argv)
+    parser = attack_parser(__doc__)
+    parser.add_argument("--name", default="suffix_displacement", help="results file name, without extension")
+    args = parser.parse_args(argv)
     attack = suite_attack(args.suite)
     budget = {"suffix_length": attack.suffix_length, "steps": attack.steps, "step_size": attack.step_size}
     results = {}
     for name, path in named_models(args.model):
         results[name] = measure(path, attack, args.split, args.n)
-        atomic_write(os.path.join(args.out, "suffix_displacement.json"),
+        atomic_write(os.path.join(args.out, f"{args.name}.json"),
                      json.dumps({"split": args.split, "n": args.n, "budget": budget, "models": results}, indent=1))
-        atomic_write(os.path.join(args.out, "suffix_displacement.md"), markdown(results, args.split, args.n, budget))
+        atomic_write(os.path.join(args.out, f"{args.name}.md"), markdown(results, args.split, args.n, budget))
 
 
 if __name__ == "__main__":

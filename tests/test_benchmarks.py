@@ -479,7 +479,7 @@ def test_suffix_displacement_records_how_far_the_attack_moved_each_broken_behavi
         # broken at the first judged step; signed steps move every vector, by at most step_size norms a step
         assert b["step"] == 5 and 0.0 < b["mean"] <= b["max"] <= 0.02 * 5 + 1e-4
     # the command: every model's row and its table (the tiny test organism rarely breaks: no figures asserted)
-    suffix_displacement.main(["--model", "base=organism", "--n", "1", "--out", str(tmp_path)])
-    results = json.loads((tmp_path / "suffix_displacement.json").read_text())
+    suffix_displacement.main(["--model", "base=organism", "--n", "1", "--out", str(tmp_path), "--name", "probe"])
+    results = json.loads((tmp_path / "probe.json").read_text())
     assert results["models"]["base"]["n"] == 1 and results["budget"]["steps"] == 500
-    assert "| base |" in (tmp_path / "suffix_displacement.md").read_text()
+    assert "| base |" in (tmp_path / "probe.md").read_text()
