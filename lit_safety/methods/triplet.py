@@ -351,12 +351,12 @@ class TripletDefenseModule(SafetyModule):
         # A rank that mines none of its rows still runs the inner loop, on one row with zero weight:
         # under FSDP every forward is a collective, so every rank must run as many.
         attacked = max(rows, 1)
-        warm = False
+        banked = warm = False
         if "suffix" in miners:
             self.slot_start = self._draw_slot_start()
             # the bank's suffixes are displacements from the init token: no warm start from random tokens
-            warm = (hp.mining_warm_start > 0 and not isinstance(self.slot_start, Tensor)
-                    and self.rng.random() < hp.mining_warm_start)
+            banked = hp.mining_warm_start > 0 and not isinstance(self.slot_start, Tensor)
+            warm = banked and self.rng.random() < hp.mining_warm_start
             self.slotted = suffix_slots(harmful, attacked, self._slot_count, self._suffix_slot[0], self.slot_start)
         sequences = harmful if self.slotted is None else self.slotted.sequences
         mined = {key: value[:attacked] for key, value in sequences.items()}
@@ -375,7 +375,7 @@ class TripletDefenseModule(SafetyModule):
             self.slotted = None
             return
         adversary.freeze()
-        if "suffix" in miners and hp.mining_warm_start and not isinstance(self.slot_start, Tensor):
+        if banked:
             self._bank(adversary, masks["embedding"])
         adversary.padded(harmful["input_ids"].shape[0])
         self.latent = adversary
