@@ -95,11 +95,10 @@ def markdown(results: dict, split: str, n: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     from lit_safety.evaluation import EmbeddingAttack
 
-    parser = attack_parser(__doc__)
+    parser = attack_parser(__doc__, "attack_strength")
     parser.add_argument("--references", nargs="+", default=list(REFERENCES), choices=list(REFERENCES))
     parser.add_argument("--without-suite", action="store_true",
                         help="run the references only (the suite's figures are in each run's test results)")
-    parser.add_argument("--name", default="attack_strength", help="results file name, without extension")
     args = parser.parse_args(argv)
     attacks = {**({} if args.without_suite else {"suite": suite_attack(args.suite)}),
                **{name: EmbeddingAttack(**REFERENCES[name]) for name in args.references}}

@@ -80,20 +80,23 @@ def organism_builds(runs: list[dict]) -> list[str]:
     return sorted({r["base_model"]["sha256"][:12] for r in runs if r.get("base_model")})
 
 
-def models_parser(doc: str) -> argparse.ArgumentParser:
+def models_parser(doc: str, name: str | None = None) -> argparse.ArgumentParser:
     """The options of a benchmark that measures named models on organism behaviours: ``--model
-    name=path`` (repeatable), ``--n`` and ``--out``."""
+    name=path`` (repeatable), ``--n``, ``--out`` and, for a benchmark whose results file is ``name``
+    unless told, ``--name``."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, help="name=checkpoint, adapter or model name")
     parser.add_argument("--n", type=int, default=100, help="behaviours per split (default 100)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    if name is not None:
+        parser.add_argument("--name", default=name, help=f"results file name, without extension (default {name})")
     return parser
 
 
-def attack_parser(doc: str) -> argparse.ArgumentParser:
+def attack_parser(doc: str, name: str | None = None) -> argparse.ArgumentParser:
     """``models_parser``'s options and those of a benchmark that attacks the models on one organism
     split: ``--split`` and the suite config its attack comes from."""
-    parser = models_parser(doc)
+    parser = models_parser(doc, name)
     parser.add_argument("--split", default="heldout_synonym")
     parser.add_argument("--suite", default=os.path.join(ROOT, "configs", "suite.yaml"))
     return parser

@@ -96,8 +96,7 @@ def markdown(results: dict, split: str, n: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = attack_parser(__doc__)
-    parser.add_argument("--name", default="gcg_words", help="file name of the results (default gcg_words)")
+    parser = attack_parser(__doc__, "gcg_words")
     args = parser.parse_args(argv)
     attack = suite_attack(args.suite, "gcg")
     results = {name: measure(path, attack, args.split, args.n) for name, path in named_models(args.model)}

@@ -92,8 +92,7 @@ def markdown(results: dict, n: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = models_parser(__doc__)
-    parser.add_argument("--name", default="heldout_words", help="file name of the results (default heldout_words)")
+    parser = models_parser(__doc__, "heldout_words")
     args = parser.parse_args(argv)
     from lit_safety.cache import weights_checksum
     from lit_safety.organism import model_dir

@@ -84,8 +84,7 @@ def markdown(results: dict, split: str, n: int, budget: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = attack_parser(__doc__)
-    parser.add_argument("--name", default="suffix_displacement", help="results file name, without extension")
+    parser = attack_parser(__doc__, "suffix_displacement")
     args = parser.parse_args(argv)
     attack = suite_attack(args.suite)
     budget = {"suffix_length": attack.suffix_length, "steps": attack.steps, "step_size": attack.step_size}
