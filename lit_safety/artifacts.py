@@ -164,7 +164,7 @@ def load_module(checkpoint_path: str, map_location: str = "cpu"):
     hparams = dict(checkpoint["hyper_parameters"])
     from lit_safety.migrations import renamed_options
 
-    old = renamed_options({"model": {"init_args": hparams}}, checkpoint_path)
+    old = renamed_options({"model": {"init_args": hparams}}, checkpoint_path, checkpoint["lit_safety_class"])
     if old:
         raise ArtifactError(f"{old[0]} (a checkpoint of an earlier lit_safety: retrain, or pass its adapter "
                             "weights to a module built with the new options)")

@@ -3,6 +3,8 @@ line saying what to write instead, before anything is loaded."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import re
 import sys
 
@@ -47,21 +49,38 @@ def _message(where: str, key: str, value=None) -> str:
     return f"{where}: option {key!r} was renamed or moved; write {RENAMED[key]}"
 
 
-def _is_old(key: str, value) -> bool:
+def current_options(class_path: str | None) -> set[str]:
+    """The options the module ``class_path`` takes today (its and its bases' ``__init__``
+    parameters): an old name one method dropped may be another's current option (ReFAT's ``seed``)."""
+    if not class_path:
+        return set()
+    module_name, _, name = class_path.rpartition(".")
+    module_name = module_name or "lit_safety"  # LightningCLI's short form names a class it exports
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        return set()  # the CLI reports a class it cannot import
+    return {p for c in getattr(cls, "__mro__", ()) if "__init__" in vars(c)
+            for p in inspect.signature(c.__init__).parameters}
+
+
+def _is_old(key: str, value, current: set[str] = frozenset()) -> bool:
     if key == "model" and not isinstance(value, str):
         return False
     if key == "objective" and isinstance(value, str):
         return True
-    return key in RENAMED or (isinstance(value, str) and value in VALUES)
+    return (key in RENAMED and key not in current) or (isinstance(value, str) and value in VALUES)
 
 
-def renamed_options(config: dict, where: str) -> list[str]:
-    """Messages for every old option in a parsed config (its ``model`` section) or suite."""
+def renamed_options(config: dict, where: str, class_path: str | None = None) -> list[str]:
+    """Messages for every old option in a parsed config (its ``model`` section) or suite, for the
+    module ``class_path`` (default: the config's own)."""
     model = config.get("model") if isinstance(config, dict) else None
     init = model.get("init_args", {}) if isinstance(model, dict) else {}
     if not isinstance(init, dict):
         return []
-    return [_message(where, k, v) for k, v in init.items() if _is_old(k, v)]
+    current = current_options(class_path or model.get("class_path"))
+    return [_message(where, k, v) for k, v in init.items() if _is_old(k, v, current)]
 
 
 def option_values(args: list[str], flag: str) -> list[tuple[int, str]]:
@@ -79,7 +98,7 @@ def option_values(args: list[str], flag: str) -> list[tuple[int, str]]:
 def check_renamed_options(args: list[str] | None) -> None:
     """Exit with one line per old option found in ``--config`` files or ``--model.X`` arguments."""
     args = sys.argv[1:] if args is None else args
-    messages = []
+    messages, class_path = [], None
     for _, path in option_values(args, "--config"):
         try:
             with open(path) as f:
@@ -87,9 +106,14 @@ def check_renamed_options(args: list[str] | None) -> None:
         except (OSError, yaml.YAMLError):
             continue  # the CLI itself reports files it cannot read
         messages += renamed_options(config or {}, path)
+        model = (config or {}).get("model") if isinstance(config, dict) else None
+        class_path = model.get("class_path", class_path) if isinstance(model, dict) else class_path
+    for _, value in option_values(args, "--model") + option_values(args, "--model.class_path"):
+        class_path = value
+    current = current_options(class_path)
     for arg in args:
         match = re.fullmatch(r"--model\.(?:init_args\.)?(\w+)(?:=(.*))?", arg)
-        if match and _is_old(match[1], match[2] if match[2] is not None else {}):
+        if match and _is_old(match[1], match[2] if match[2] is not None else {}, current):
             messages.append(_message(arg, match[1], match[2]))
     if messages:
         sys.exit("\n".join(f"error: {m}" for m in messages))
