@@ -483,3 +483,28 @@ def test_suffix_displacement_records_how_far_the_attack_moved_each_broken_behavi
     results = json.loads((tmp_path / "probe.json").read_text())
     assert results["models"]["base"]["n"] == 1 and results["budget"]["steps"] == 500
     assert "| base |" in (tmp_path / "probe.md").read_text()
+
+
+def test_latent_reach_measures_how_far_each_behaviours_benign_twin_lies(tmp_path):
+    from benchmarks import latent_reach
+    from lit_safety.artifacts import load_for_evaluation
+    from lit_safety.data import ChatFormatter, load_records
+    from lit_safety.evaluation.generation import generate
+    from lit_safety.evaluation.judges import ExactJudge
+
+    record = load_records("organism:eval_train")[0]
+    words = record.messages[-1]["content"].split(" ")
+    changed = latent_reach.twin(record, "letter").messages[-1]["content"].split(" ")
+    assert changed[1] == "letter" and changed[:1] + changed[2:] == words[:1] + words[2:]
+
+    latent_reach.main(["--model", "base=organism", "--n", "8", "--epsilon", "1e-6", "1000", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "latent_reach.json").read_text())["models"]["base"]
+    model, tokenizer = load_for_evaluation("organism")
+    judge = ExactJudge()
+    for split, source in latent_reach.SPLITS.items():
+        records = load_records(source)[:8]
+        direct = generate(model, ChatFormatter(tokenizer, max_prompt_length=512), records)
+        assert saved[split]["1e-06"] == {  # nothing within a vanishing ball: the attack writes nothing
+            "within_reach": 0.0, "substitution_asr": sum(judge(r, t) == "success" for r, t in zip(records, direct)) / 8}
+        assert saved[split]["1000.0"]["within_reach"] == 1.0
+    assert "| base | heldout_synonym |" in (tmp_path / "latent_reach.md").read_text()
