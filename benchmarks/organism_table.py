@@ -78,18 +78,42 @@ def reusable(result: dict | None, n: int, setting: str) -> bool:
 
 
 def setting_key(config: str | None, extra: tuple[str, ...]) -> str:
-    """What a run is asked to do, as a checksum: the text of its config (``configs/evaluate.yaml`` for
-    the untrained base), of the config files that one names (its attack suite), and the options added."""
+    """What a run is asked to do, as a checksum: its config (``configs/evaluate.yaml`` for the untrained
+    base) as parsed values, with the config files it names (its attack suite) read in place and the
+    ``--a.b=value`` options added set in it. Comments and layout do not count, and an option written in
+    the config or given on the command line is the same setting."""
     path = os.path.join(ROOT, config or EVALUATE)
+    setting = load_yaml(path)
+    for key in FRAGMENTS:
+        fragment = fragment_path(path, setting.get(key))
+        if fragment:
+            setting[key] = load_yaml(fragment)
+    unparsed = []
+    for option in extra:
+        dotted, equals, value = option.removeprefix("--").partition("=")
+        if option.startswith("--") and equals:
+            set_dotted(setting, dotted.split("."), yaml.safe_load(value))
+        else:
+            unparsed.append(option)
+    text = json.dumps([setting, unparsed], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_yaml(path: str) -> dict:
     with open(path) as f:
-        named = yaml.safe_load(f) or {}
-    files = [path] + [file for file in (fragment_path(path, named.get(key)) for key in FRAGMENTS) if file]
-    digest = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as f:
-            digest.update(f.read())
-    digest.update("\0".join(extra).encode())
-    return digest.hexdigest()[:16]
+        return yaml.safe_load(f) or {}
+
+
+def set_dotted(config: dict, keys: list[str], value) -> None:
+    """``config[k1][k2]... = value``; a component's option may be written without ``init_args``
+    (``model.lr`` is ``model.init_args.lr``), as the CLI reads it."""
+    node = config
+    for i, key in enumerate(keys[:-1]):
+        node = node.setdefault(key, {})
+        following = keys[i + 1]
+        if isinstance(node, dict) and "class_path" in node and following not in ("class_path", "init_args"):
+            node = node.setdefault("init_args", {})
+    node[keys[-1]] = value
 
 
 def organism_build() -> str:

@@ -466,6 +466,14 @@ def test_a_saved_run_is_of_the_setting_its_config_and_suite_and_options_say(tmp_
     (tmp_path / "suite.yaml").unlink()
     config.write_text(config.read_text().replace("max_steps: ", "max_steps: 1"))
     assert organism_table.setting_key(str(config), ("--model.init_args.ablation_probability=0.5",)) != shipped
+    # parsed values count, not text: a comment changes nothing, and an option in the file or on the
+    # command line (with or without init_args) is the same setting
+    text = open(f"{organism_table.ROOT}/configs/refat.yaml").read()
+    moved = text.replace("    ablation_probability: 0.5\n", "").replace(
+        "    base_model:", "    ablation_probability: 0.5  # p\n    base_model:")
+    config.write_text("# a note\n" + moved)
+    assert organism_table.setting_key(str(config), ()) == shipped
+    assert organism_table.setting_key(str(config), ("--model.ablation_probability=0.5",)) == shipped
 
 
 def test_suffix_displacement_records_how_far_the_attack_moved_each_broken_behaviours_vectors(tmp_path):
