@@ -26,7 +26,7 @@ import time
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import attack_parser, atomic_write, interval_cell, named_models
+from benchmarks.common import atomic_write, attack_parser, interval_cell, named_models
 
 REFERENCES = {
     "10 x 300 from please": {"suffix_length": 10, "steps": 300, "snapshots": 12, "init": "please"},

@@ -32,8 +32,15 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import ROOT, atomic_write, organism_builds, spread, spread_cell
-from benchmarks.organism_table import (METHODS, evaluate_method, organism_build, result_path, reusable, saved_result,
-                                       setting_key)
+from benchmarks.organism_table import (
+    METHODS,
+    evaluate_method,
+    organism_build,
+    result_path,
+    reusable,
+    saved_result,
+    setting_key,
+)
 from lit_safety.evaluation.stats import wilson_interval
 
 # method -> (its main knob, three settings: weaker to stronger)

@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.attack_strength import suite_attack
-from benchmarks.common import attack_parser, atomic_write, named_models
+from benchmarks.common import atomic_write, attack_parser, named_models
 from lit_safety.evaluation import EmbeddingAttack
 
 

@@ -263,9 +263,9 @@ def test_gcg_words_classes_organism_words():
 
 
 def test_system_turn_variants_replace_only_the_system_turn():
+    from benchmarks.system_turn import system_turns, with_system
     from lit_safety.data import Record
     from lit_safety.organism import world
-    from benchmarks.system_turn import system_turns, with_system
 
     turns = system_turns(seed=3)
     assert turns["as built"]() == world.SYSTEM_PROMPT and turns["none"]() is None

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
-from torch import nn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch import nn
 from torchmetrics import MeanMetric
 
 from lit_safety import artifacts, backbone
