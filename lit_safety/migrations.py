@@ -76,9 +76,9 @@ def renamed_options(config: dict, where: str, class_path: str | None = None) -> 
     """Messages for every old option in a parsed config (its ``model`` section) or suite, for the
     module ``class_path`` (default: the config's own)."""
     model = config.get("model") if isinstance(config, dict) else None
-    init = model.get("init_args", {}) if isinstance(model, dict) else {}
-    if not isinstance(init, dict):
+    if not isinstance(model, dict) or not isinstance(model.get("init_args", {}), dict):
         return []
+    init = model.get("init_args", {})
     current = current_options(class_path or model.get("class_path"))
     return [_message(where, k, v) for k, v in init.items() if _is_old(k, v, current)]
 
