@@ -23,7 +23,6 @@ Writes benchmarks/results/latent_reach.{json,md} (``--name``).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -49,32 +48,16 @@ def twin(record, obj: str):
     return dataclasses.replace(record, messages=messages)
 
 
-@contextlib.contextmanager
-def written_over(model, layer: int, delta: torch.Tensor):
-    """Within the block, ``delta`` [B, T, D] is added to decoder layer ``layer``'s output whenever a
-    forward covers the whole prompt (the first call of ``generate``); later tokens are untouched."""
-    from lit_safety.adversaries import output_tensor, replace_output
-    from lit_safety.backbone import decoder_layers
-
-    def hook(_module, _args, output):
-        h = output_tensor(output)
-        return replace_output(output, h + delta.to(h)) if h.shape[1] == delta.shape[1] else output
-
-    handle = decoder_layers(model)[layer].register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 @torch.no_grad()
 def reach(model_spec: str, n: int, layer: int, epsilons: list[float]) -> dict:
     """Per split: the share of behaviours whose nearest benign twin is within each radius, and the
     substitution attack's ASR at each radius (twins beyond it are not written)."""
+    from lit_safety.adversaries import LatentAdversary
     from lit_safety.artifacts import load_for_evaluation
     from lit_safety.backbone import decoder_layers, resolve_layers
     from lit_safety.data import ChatFormatter, load_records
-    from lit_safety.evaluation.generation import left_pad, prompt_ids
+    from lit_safety.evaluation.attacks import decode
+    from lit_safety.evaluation.generation import greedy_from_embeddings, left_pad, prompt_ids
     from lit_safety.evaluation.judges import ExactJudge
     from lit_safety.organism.world import BENIGN_OBJECTS
     from lit_safety.representations import forward_states
@@ -102,23 +85,19 @@ def reach(model_spec: str, n: int, layer: int, epsilons: list[float]) -> dict:
         distance = torch.stack([((t[0] - h) * valid).norm(dim=-1).amax(-1) for t in twins]) / unit
         nearest, which = distance.min(0)
         row = {"nearest_twin": [round(float(q), 3) for q in torch.quantile(nearest, torch.tensor([0.1, 0.5, 0.9]))]}
+        nearest_states = torch.stack([t[0] for t in twins])[which, torch.arange(len(records))]
         for epsilon in epsilons:
             within = nearest <= epsilon
-            delta = torch.stack([twins[int(o)][0][i] - h[i] for i, o in enumerate(which)]) * within[:, None, None]
-            with written_over(model, site, delta * valid):
-                responses = greedy(model, ids, mask, tokenizer)
-            broken = [judge(r, text) == "success" for r, text in zip(records, responses)]
+            # the suite's latent attack with the twin as its perturbation, where the ball holds it
+            adversary = LatentAdversary(model, [site], mask.bool(), epsilon * unit)
+            adversary.units[site] = (nearest_states - h) * valid * within[:, None, None] / (epsilon * unit)
+            tokens = greedy_from_embeddings(model, model.get_input_embeddings()(ids), mask, 24,
+                                            tokenizer.eos_token_id, prompt_context=adversary.attached())
+            broken = [judge(r, text) == "success" for r, text in zip(records, decode(formatter, tokens))]
             row[str(epsilon)] = {"within_reach": round(float(within.float().mean()), 3),
                                  "substitution_asr": round(sum(broken) / len(records), 3)}
         out[split] = row
     return out
-
-
-def greedy(model, ids: torch.Tensor, mask: torch.Tensor, tokenizer, max_new_tokens: int = 24) -> list[str]:
-    generated = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                               max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=tokenizer.eos_token_id)
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in generated[:, ids.shape[1]:]]
 
 
 def markdown(results: dict, n: int, layer: int, epsilons: list[float]) -> str:
