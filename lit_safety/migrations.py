@@ -98,18 +98,20 @@ def option_values(args: list[str], flag: str) -> list[tuple[int, str]]:
 def check_renamed_options(args: list[str] | None) -> None:
     """Exit with one line per old option found in ``--config`` files or ``--model.X`` arguments."""
     args = sys.argv[1:] if args is None else args
-    messages, class_path = [], None
+    configs, class_path = [], None
     for _, path in option_values(args, "--config"):
         try:
             with open(path) as f:
-                config = yaml.safe_load(f)
+                config = yaml.safe_load(f) or {}
         except (OSError, yaml.YAMLError):
             continue  # the CLI itself reports files it cannot read
-        messages += renamed_options(config or {}, path)
-        model = (config or {}).get("model") if isinstance(config, dict) else None
+        configs.append((path, config))
+        model = config.get("model") if isinstance(config, dict) else None
         class_path = model.get("class_path", class_path) if isinstance(model, dict) else class_path
     for _, value in option_values(args, "--model") + option_values(args, "--model.class_path"):
         class_path = value
+    # every file and argument is read against the module the whole command builds
+    messages = [m for path, config in configs for m in renamed_options(config, path, class_path)]
     current = current_options(class_path)
     for arg in args:
         match = re.fullmatch(r"--model\.(?:init_args\.)?(\w+)(?:=(.*))?", arg)

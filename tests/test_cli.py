@@ -365,13 +365,16 @@ def test_lat_suffix_adversary_options_of_the_readme_reach_the_module_and_misuse_
     assert len(lines) <= 3 and "decoys: adversarial needs positions: suffix" in lines[0], lines
 
 
-def test_an_old_name_that_is_a_current_option_of_the_module_is_not_refused(tiny_args):
+def test_an_old_name_that_is_a_current_option_of_the_module_is_not_refused(tiny_args, tmp_path):
     from lit_safety.artifacts import load_module
 
+    (tmp_path / "seed.yaml").write_text("model:\n  init_args:\n    seed: 1\n")  # an override file: no class_path
     # `seed` was renamed for the triplet, circuit breakers and LAT, but is ReFAT's own option
     with pytest.raises(SystemExit, match="mining_seed"):
         main(["fit", "--config", "configs/triplet.yaml", "--model.init_args.seed=1"], run=False)
-    cli = main(["fit", "--config", "configs/refat.yaml", *tiny_args, "--model.init_args.seed=1",
-                "--trainer.max_steps=1", "--data.val_fraction=0"])
+    with pytest.raises(SystemExit, match="mining_seed"):
+        main(["fit", "--config", "configs/triplet.yaml", "--config", str(tmp_path / "seed.yaml")], run=False)
+    cli = main(["fit", "--config", "configs/refat.yaml", "--config", str(tmp_path / "seed.yaml"), *tiny_args,
+                "--model.init_args.seed=1", "--trainer.max_steps=1", "--data.val_fraction=0"])
     module = load_module(os.path.join(cli.trainer.log_dir, "checkpoints", "last.ckpt"))
     assert type(module).__name__ == "RefusalFeatureATModule" and module.hparams.seed == 1
